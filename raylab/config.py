@@ -12,7 +12,6 @@ import dataclasses
 import os
 import tempfile
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -96,7 +95,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     """Build ``cls`` from a (possibly partial) nested mapping; unknown keys are errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config {prefix.rstrip('.') or 'root'}: expected a mapping, got {data!r}")
+        where = prefix.rstrip(".") or "root"
+        raise ConfigError(f"config {where}: expected a mapping, got {data!r}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -150,7 +150,8 @@ def field_type(cls: type, dotted: str) -> Any:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[:i])!r} is not a section")
+            section = ".".join(parts[:i])
+            raise ConfigError(f"unknown config key {dotted!r}: {section!r} is not a section")
         hints = _hints(tp)
         if part not in hints:
             known = ", ".join(sorted(".".join(parts[:i] + [n]) for n in hints))
@@ -254,4 +255,3 @@ __all__ = [
     "apply_overrides", "atomic_write_text", "field_type", "flatten", "from_dict", "load",
     "parse_value", "require", "save_yaml", "to_dict", "validate",
 ]
-_ = typing  # keep `typing` importable for forward references in user configs

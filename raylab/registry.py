@@ -35,13 +35,14 @@ def _load_builtins() -> None:
 
 
 def get_method(name: str) -> Any:
-    """Return the registered method ``name`` or raise a RegistryError listing the known ones."""
+    """An instance of the method registered as ``name``; RegistryError lists the known ones."""
     _load_builtins()
     try:
-        return _METHODS[name]
+        cls = _METHODS[name]
     except KeyError:
         known = ", ".join(sorted(_METHODS)) or "none"
         raise RegistryError(f"unknown method {name!r}; known methods: {known}") from None
+    return cls() if isinstance(cls, type) else cls
 
 
 def list_methods() -> dict[str, Any]:

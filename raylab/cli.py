@@ -1,0 +1,297 @@
+"""The ``raylab`` command line: thin argument parsing over the library.
+
+Bad input of any kind ends in one line on stderr (``raylab: error: ...``) and exit code 2;
+only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from raylab.errors import RaylabError
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out and storage")
+    g.add_argument("--workers", type=int, default=1,
+                   help="data-parallel Train workers (0 = in the driver process)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--gpus-per-worker", type=float, default=0.0)
+    g.add_argument("--storage", default=os.environ.get("RAYLAB_STORAGE", "runs"),
+                   help="local folder or s3:// / gs:// URI for checkpoints and results")
+    g.add_argument("--name", default="", help="experiment name (default METHOD-TIMESTAMP)")
+    g.add_argument("--max-failures", type=int, default=0,
+                   help="worker failures to recover from via the last checkpoint")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", help="a registered method (see `raylab methods`)")
+    p.add_argument("--config", default=None, help="YAML file of config values")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--data", default=None, help="shard folder (same as --set data=DST)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("methods", help="list registered methods")
+
+    data = sub.add_parser("data", help="convert, inspect and sample datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    conv = dsub.add_parser("convert", help="raw dataset -> Parquet shards + manifest.json")
+    conv.add_argument("format", choices=["jigsaws"])
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (JIGSAWS)")
+    conv.add_argument("--overwrite", action="store_true")
+    insp = dsub.add_parser("inspect", help="what a shard folder holds")
+    insp.add_argument("dst")
+    insp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    samp = dsub.add_parser("sample", help="write a small synthetic raw sample")
+    samp.add_argument("format", choices=["jigsaws"])
+    samp.add_argument("dst")
+    samp.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train and evaluate a method")
+    _config_flags(train)
+    _run_flags(train)
+
+    tune = sub.add_parser("tune", help="search a method's knobs with Ray Tune")
+    tune.add_argument("method", nargs="?", help="a registered method")
+    tune.add_argument("--resume", default=None, metavar="EXP",
+                      help="continue an interrupted search in experiment folder EXP")
+    tune.add_argument("--config", default=None)
+    tune.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE")
+    tune.add_argument("--data", default=None)
+    tune.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                      help="e.g. window=[30,60,90], optim.lr=log(1e-4,1e-2), "
+                           "model.dropout_fc=(0.2,0.6); default: the method's own space")
+    tune.add_argument("--trials", type=int, default=8)
+    tune.add_argument("--grace-period", type=int, default=2,
+                      help="epochs before ASHA may stop a trial")
+    _run_flags(tune)
+
+    analyze = sub.add_parser("analyze", help="table, best config, plots of a Tune experiment")
+    analyze.add_argument("experiment")
+    analyze.add_argument("--json", action="store_true")
+
+    assess = sub.add_parser("assess", help="online skill assessment of one recording")
+    assess.add_argument("file", help="JIGSAWS kinematics file (.txt or .txt.gz)")
+    assess.add_argument("--checkpoint", required=True)
+    assess.add_argument("--out", default=None, help="timeline PNG (default FILE.timeline.png)")
+    assess.add_argument("--quiet", action="store_true", help="only the final estimate")
+
+    bench = sub.add_parser("bench", help="benchmarks (figures for BENCHMARKS.md)")
+    bench.add_argument("name", choices=["train-overhead", "ingest", "latency", "scaling"])
+    bench.add_argument("--data", default=None, help="JIGSAWS shards (default: a fresh sample)")
+    bench.add_argument("--epochs", type=int, default=3)
+
+    demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
+    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--trials", type=int, default=4)
+    return parser
+
+
+def _options(args: argparse.Namespace, method: str) -> tuple[Any, str]:
+    from raylab.runtime.options import RunOptions
+
+    opts = RunOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=args.gpus_per_worker, storage=args.storage,
+                      name=args.name, max_failures=args.max_failures)
+    opts.validate()
+    storage = opts.resolved_storage()
+    opts.storage = storage
+    name = opts.name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return opts, name
+
+
+def _method_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    from raylab import config as cfglib
+    from raylab.registry import get_method
+
+    method = get_method(args.method)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data={json.dumps(_abs_data(args.data))}")
+    cfg = cfglib.load(method.Config, args.config, overrides)
+    if getattr(cfg, "data", None) and "://" not in cfg.data:
+        cfg = cfglib.apply_overrides(cfg, {"data": _abs_data(cfg.data)})
+    return method, cfg
+
+
+def _abs_data(path: str) -> str:
+    # Ray workers do not share the driver's working directory.
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from raylab.registry import list_methods
+
+    for name, method in list_methods().items():
+        print(f"{name:<12} {method.paper}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from raylab.data import jigsaws
+    from raylab.data.inspect import format_inspection, inspect_shards
+
+    if args.data_command == "convert":
+        summary = jigsaws.convert_jigsaws(args.src, args.dst, tasks=args.tasks,
+                                          overwrite=args.overwrite)
+        print(json.dumps(summary, indent=2, default=str))
+    elif args.data_command == "inspect":
+        info = inspect_shards(args.dst)
+        print(json.dumps(info, default=str) if args.json else format_inspection(info))
+    elif args.data_command == "sample":
+        path = jigsaws.write_sample(args.dst, seed=args.seed)
+        print(f"wrote a synthetic JIGSAWS-format sample to {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raylab.runtime.cluster import ensure_ray
+
+    method, cfg = _method_config(args)
+    options, name = _options(args, method.name)
+    ensure_ray(args.address)
+    print(f"raylab train {method.name}: experiment {name} in {options.storage}", flush=True)
+    summary = method.train(cfg, options, options.storage, name)
+    if hasattr(sys.modules[type(method).__module__], "print_summary"):
+        sys.modules[type(method).__module__].print_summary(summary)
+    print(f"\nresults: {Path(options.storage) / name}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raylab.runtime import tuner
+    from raylab.runtime.analysis import collect, format_table, write_report
+    from raylab.runtime.cluster import ensure_ray
+
+    if args.resume:
+        exp = Path(args.resume).resolve()
+        tuner.load_spec(exp)  # fails early, before Ray starts, if EXP is not one
+        ensure_ray(args.address)
+        print(f"resuming Tune experiment {exp}", flush=True)
+        tuner.resume_search(exp)
+    else:
+        if not args.method:
+            raise RaylabError("raylab tune: give a METHOD or --resume EXP")
+        from raylab.runtime.search_space import parse_space
+
+        method, cfg = _method_config(args)
+        options, name = _options(args, method.name)
+        space = parse_space(method.Config, args.space or dict(method.default_space))
+        ensure_ray(args.address)
+        print(f"raylab tune {method.name}: {args.trials} trials, experiment {name} "
+              f"in {options.storage}", flush=True)
+        tuner.run_search(method.name, cfg, options, space, args.trials, options.storage, name,
+                         grace_period=args.grace_period)
+        exp = Path(options.storage) / name
+    result = collect(exp)
+    out = write_report(result)
+    print("\n" + format_table(result))
+    _print_best(result, out)
+    return 0
+
+
+def _print_best(result: dict[str, Any], out: Path) -> None:
+    best = result["best"]
+    if best is not None:
+        print(f"\nbest trial {best['trial']}: {result['metric']} = {best[result['metric']]:.4f}"
+              f" with " + ", ".join(f"{k}={best[k]}" for k in result["knobs"]))
+        print(f"best checkpoint: {best['checkpoint']}")
+    print(f"report: {out / 'report.md'}")
+    print(f"TensorBoard: tensorboard --logdir {result['experiment']}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from raylab.runtime.analysis import collect, format_table, write_report
+
+    result = collect(args.experiment)
+    out = write_report(result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "curves"}, default=str))
+        return 0
+    print(format_table(result))
+    if result["best_config"]:
+        print("\nbest config:")
+        for k, v in result["best_config"].items():
+            print(f"  {k}: {v}")
+    _print_best(result, out)
+    return 0
+
+
+def cmd_assess(args: argparse.Namespace) -> int:
+    from raylab.methods.skill_assess import assess_file
+
+    assess_file(args.checkpoint, args.file, out=args.out, quiet=args.quiet)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from raylab import bench
+
+    bench.run(args.name, data=args.data, epochs=args.epochs)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raylab.demo import run_demo
+
+    run_demo(Path(args.out), trials=args.trials)
+    return 0
+
+
+COMMANDS = {"methods": cmd_methods, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
+            "analyze": cmd_analyze, "assess": cmd_assess, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def find_raylab_error(exc: BaseException) -> RaylabError | None:
+    """The RaylabError behind ``exc``, also when Ray wrapped it in a worker failure."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RaylabError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None) or {}
+        stack += list(failures.values()) if isinstance(failures, dict) else []
+        for attr in ("worker_group_error", "controller_failure"):
+            stack.append(getattr(e, attr, None))
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("raylab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for bad input, a traceback only for real bugs
+        err = find_raylab_error(exc)
+        if err is None:
+            raise
+        message = str(err).strip().splitlines()
+        print(f"raylab: error: {message[-1] if message else type(err).__name__}",
+              file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

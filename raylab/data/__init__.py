@@ -1,0 +1,8 @@
+"""Datasets: raw-format readers, converters to Parquet shard folders, splits and inspection.
+
+Modules:
+    shards: generic folder of ``*.parquet`` shards plus ``manifest.json``.
+    jigsaws: JIGSAWS kinematics reader, converter and synthetic sample writer.
+    splits: cross-validation folds (LOSO, LOUO, hold-out) over trial names.
+    inspect: summary of a shard folder for ``raylab data inspect``.
+"""

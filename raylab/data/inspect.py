@@ -1,0 +1,114 @@
+"""Summarise a shard folder (``raylab data inspect``) from its manifest and small columns."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from raylab.data.jigsaws import SKILL_LEVELS
+from raylab.data.shards import read_manifest
+
+_GROUP_COLUMN = "task"
+_LABEL_COLUMNS = ("skill", "label")
+_SMALL_COLUMNS = ("task", "subject", "skill", "label", "n_frames")
+
+
+def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
+    """Summarise a shard folder without reading large columns such as kinematics.
+
+    Args:
+        dst: The shard folder.
+
+    Returns:
+        ``format``, ``rows``, ``frames`` (sum of ``n_frames``, or None without that column),
+        ``counts`` ({group: {label: n}}, group = task), ``subjects`` ({group: [..]}),
+        ``schema``, ``shards`` (count), ``path``, ``skipped`` ({"no_meta": [..],
+        "missing_file": [..]}) and ``extra`` (the manifest's extra without channel names).
+
+    Raises:
+        DataError: The folder or manifest is invalid.
+    """
+    manifest = read_manifest(dst)
+    schema = manifest["schema"]
+    columns = [c for c in _SMALL_COLUMNS if c in schema]
+    values: dict[str, list[Any]] = defaultdict(list)
+    for shard in manifest["shards"]:
+        table = pq.read_table(os.path.join(dst, shard["file"]), columns=columns)
+        for name in columns:
+            values[name].extend(table.column(name).to_pylist())
+    extra = manifest.get("extra") or {}
+    return {
+        "format": manifest["format"],
+        "rows": manifest["rows"],
+        "frames": sum(values["n_frames"]) if "n_frames" in schema else None,
+        "counts": _counts(values, manifest["rows"]),
+        "subjects": _subjects(values),
+        "schema": schema,
+        "shards": len(manifest["shards"]),
+        "path": os.path.abspath(os.fspath(dst)),
+        "created": manifest.get("created"),
+        "skipped": {"no_meta": list(extra.get("skipped_no_meta", [])),
+                    "missing_file": list(extra.get("skipped_missing_file", []))},
+        "extra": {k: v for k, v in extra.items() if k != "channel_names"},
+    }
+
+
+def _counts(values: dict[str, list[Any]], rows: int) -> dict[str, dict[str, int]]:
+    """Rows per group and label, e.g. ``{"Suturing": {"N": 19, "I": 10, "E": 9}}``."""
+    label_col = next((c for c in _LABEL_COLUMNS if values.get(c)), None)
+    groups = values.get(_GROUP_COLUMN) or ["all"] * rows
+    labels = values[label_col] if label_col else ["-"] * rows
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for group, label in zip(groups, labels, strict=True):
+        counts[str(group)][str(label)] += 1
+    return {g: dict(sorted(c.items(), key=_label_order)) for g, c in sorted(counts.items())}
+
+
+def _label_order(item: tuple[str, int]) -> tuple[int, str]:
+    """Sort key putting skill levels in N, I, E order and other labels alphabetically."""
+    return (SKILL_LEVELS.index(item[0]), "") if item[0] in SKILL_LEVELS else (3, item[0])
+
+
+def _subjects(values: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Sorted subjects per group."""
+    if not values.get("subject"):
+        return {}
+    groups = values.get(_GROUP_COLUMN) or ["all"] * len(values["subject"])
+    found: dict[str, set[str]] = defaultdict(set)
+    for group, subject in zip(groups, values["subject"], strict=True):
+        found[str(group)].add(str(subject))
+    return {g: sorted(s) for g, s in sorted(found.items())}
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """Human-readable multi-line text of :func:`inspect_shards` output.
+
+    Args:
+        info: The dictionary returned by :func:`inspect_shards`.
+
+    Returns:
+        Text without a trailing newline.
+    """
+    lines = [
+        f"path:    {info['path']}",
+        f"format:  {info['format']}",
+        f"rows:    {info['rows']} in {info['shards']} shard(s)",
+    ]
+    if info.get("frames") is not None:
+        lines.append(f"frames:  {info['frames']}")
+    for group, counts in info.get("counts", {}).items():
+        per_label = ", ".join(f"{label}={n}" for label, n in counts.items())
+        subjects = "".join(info.get("subjects", {}).get(group, []))
+        tail = f"  subjects {subjects}" if subjects else ""
+        lines.append(f"  {group:<16} {sum(counts.values()):>5} rows ({per_label}){tail}")
+    skipped = info.get("skipped", {})
+    for key, text in (("no_meta", "without meta line"), ("missing_file", "without file")):
+        names = skipped.get(key) or []
+        if names:
+            lines.append(f"skipped {len(names)} {text}: {', '.join(names)}")
+    lines.append("schema:  " + ", ".join(f"{k}: {v}" for k, v in info["schema"].items()))
+    return "\n".join(lines)
+

@@ -1,0 +1,267 @@
+"""A shard folder: ``part-00000.parquet``, ``part-00001.parquet``, ... plus ``manifest.json``.
+
+The folder is written into a temporary sibling and renamed into place at the end, so a
+reader never sees a half-written dataset and a failed write leaves nothing behind.
+:func:`read_manifest` checks the manifest against the shards' Parquet footers only, which is
+cheap enough to do before every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylab.config import atomic_write_text
+from raylab.errors import DataError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("format", "schema_version", "rows", "shards", "schema")
+_FOLDER_HINT = "expected a shard folder with manifest.json and *.parquet files"
+
+
+def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: str,
+                 extra: dict[str, Any] | None = None, rows_per_shard: int = 256,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Write tables as Parquet shards plus ``manifest.json`` into the folder ``dst``.
+
+    Args:
+        tables: Tables with one common schema; they are re-cut into shards of
+            ``rows_per_shard`` rows (the last shard may be shorter).
+        dst: Destination folder; it must not exist unless ``overwrite``.
+        format: Dataset format name stored in the manifest (e.g. ``"jigsaws"``).
+        extra: JSON-serialisable metadata stored under the manifest's ``"extra"`` key.
+        rows_per_shard: Rows per Parquet file.
+        overwrite: Replace an existing ``dst``.
+
+    Returns:
+        The manifest that was written.
+
+    Raises:
+        DataError: ``dst`` exists and ``overwrite`` is false.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise DataError("output folder already exists (expected a new path, or pass "
+                        "overwrite)", path=dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        shards, schema = _write_parts(tables, tmp, rows_per_shard)
+        manifest = _make_manifest(format, shards, schema, extra)
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_parts(tables: Iterable[pa.Table], folder: Path,
+                 rows_per_shard: int) -> tuple[list[dict[str, Any]], pa.Schema | None]:
+    """Re-cut ``tables`` into shards of ``rows_per_shard`` rows written into ``folder``."""
+    shards: list[dict[str, Any]] = []
+    pending: list[pa.Table] = []
+    n_pending = 0
+    schema: pa.Schema | None = None
+    for table in tables:
+        if schema is None:
+            schema = table.schema
+        elif not table.schema.equals(schema):
+            raise ValueError(f"table schema changed from {schema} to {table.schema}")
+        pending.append(table)
+        n_pending += table.num_rows
+        while n_pending >= rows_per_shard:
+            merged = pa.concat_tables(pending)
+            shards.append(_write_part(merged.slice(0, rows_per_shard), folder, len(shards)))
+            rest = merged.slice(rows_per_shard)
+            pending, n_pending = [rest], rest.num_rows
+    if n_pending:
+        shards.append(_write_part(pa.concat_tables(pending), folder, len(shards)))
+    return shards, schema
+
+
+def _write_part(table: pa.Table, folder: Path, index: int) -> dict[str, Any]:
+    """Write one shard and return its manifest entry."""
+    name = f"part-{index:05d}.parquet"
+    pq.write_table(table, folder / name)
+    return {"file": name, "rows": table.num_rows}
+
+
+def _make_manifest(format: str, shards: list[dict[str, Any]], schema: pa.Schema | None,
+                   extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Build the manifest dictionary."""
+    return {
+        "format": format,
+        "schema_version": SCHEMA_VERSION,
+        "rows": sum(s["rows"] for s in shards),
+        "shards": shards,
+        "schema": {} if schema is None else {f.name: str(f.type) for f in schema},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "extra": dict(extra or {}),
+    }
+
+
+def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``dst``; with ``overwrite``, move an old ``dst`` away first."""
+    if not (overwrite and dst.exists()):
+        os.rename(tmp, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:
+    """Read ``manifest.json`` of a shard folder and check it against the shard footers.
+
+    Args:
+        dst: The shard folder.
+        expected_format: If given, the manifest's ``format`` must equal it.
+
+    Returns:
+        The manifest dictionary.
+
+    Raises:
+        DataError: The folder or manifest is missing or malformed, the format differs, or
+            a shard is missing, unreadable, or holds another number of rows than listed.
+    """
+    dst = Path(dst)
+    if not dst.exists():
+        raise DataError(f"shard folder not found ({_FOLDER_HINT})", path=dst)
+    if not dst.is_dir():
+        raise DataError(f"not a directory ({_FOLDER_HINT})", path=dst)
+    manifest = _load_manifest(dst / MANIFEST)
+    if expected_format is not None and manifest["format"] != expected_format:
+        raise DataError(f"format is {manifest['format']!r}, expected {expected_format!r}",
+                        path=dst / MANIFEST)
+    for shard in manifest["shards"]:
+        _check_shard(dst, shard)
+    return manifest
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    """Load and structurally validate a manifest file."""
+    if not path.is_file():
+        raise DataError(f"manifest.json not found ({_FOLDER_HINT})", path=path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg}); expected a raylab shard manifest",
+                        path=path, line=exc.lineno) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read manifest ({exc}); expected UTF-8 JSON",
+                        path=path) from None
+    if not isinstance(manifest, dict):
+        raise DataError("expected a JSON object at the top level", path=path)
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise DataError(f"missing key(s) {', '.join(missing)}; expected keys "
+                        f"{', '.join(REQUIRED_KEYS)}", path=path)
+    _check_manifest_fields(manifest, path)
+    return manifest
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Check the types and consistency of the manifest's required fields."""
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise DataError(f"schema_version is {manifest['schema_version']!r}, expected "
+                        f"{SCHEMA_VERSION}", path=path)
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(_valid_entry(s) for s in shards):
+        raise DataError('expected "shards" to be a list of {"file": "<name>.parquet", '
+                        '"rows": <int>}', path=path)
+    if not isinstance(manifest["schema"], dict):
+        raise DataError('expected "schema" to be an object {column: type}', path=path)
+    total = sum(s["rows"] for s in shards)
+    if manifest["rows"] != total:
+        raise DataError(f'"rows" is {manifest["rows"]!r}, expected {total} (the sum over '
+                        "shards)", path=path)
+
+
+def _valid_entry(shard: Any) -> bool:
+    """Whether a manifest shard entry is well formed and names a file inside the folder."""
+    if not isinstance(shard, dict):
+        return False
+    name, rows = shard.get("file"), shard.get("rows")
+    return (isinstance(name, str) and name.endswith(".parquet") and "/" not in name
+            and "\\" not in name and not name.startswith(".")
+            and isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0)
+
+
+def _check_shard(dst: Path, shard: dict[str, Any]) -> None:
+    """Check that a listed shard exists and its footer row count matches the manifest."""
+    path = dst / shard["file"]
+    if not path.is_file():
+        raise DataError("shard listed in manifest.json is missing (expected a Parquet file)",
+                        path=path)
+    try:
+        with pq.ParquetFile(path) as pf:
+            rows = pf.metadata.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"unreadable Parquet footer ({exc}); expected a complete Parquet "
+                        "file", path=path) from None
+    if rows != shard["rows"]:
+        raise DataError(f"shard holds {rows} rows, manifest.json lists {shard['rows']}",
+                        path=path)
+
+
+def shard_paths(dst: str | os.PathLike) -> list[str]:
+    """Absolute paths of the shards of ``dst`` in manifest order, after checking them.
+
+    Args:
+        dst: The shard folder.
+
+    Returns:
+        Absolute shard file paths.
+    """
+    manifest = read_manifest(dst)
+    root = os.path.abspath(os.fspath(dst))
+    return [os.path.join(root, s["file"]) for s in manifest["shards"]]
+
+
+def iter_rows(dst: str | os.PathLike, columns: list[str] | None = None,
+              batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """Yield the rows of a shard folder as dictionaries (for small, driver-side reads).
+
+    Args:
+        dst: The shard folder.
+        columns: Columns to read; all if None.
+        batch_size: Rows per Parquet read batch.
+
+    Yields:
+        One ``{column: value}`` dictionary per row, in manifest order.
+
+    Raises:
+        DataError: The folder is invalid or a requested column does not exist.
+    """
+    manifest = read_manifest(dst)
+    if columns is not None:
+        unknown = [c for c in columns if c not in manifest["schema"]]
+        if unknown:
+            raise DataError(f"unknown column(s) {', '.join(unknown)}; expected some of "
+                            f"{', '.join(manifest['schema'])}", path=Path(dst) / MANIFEST)
+    for shard in manifest["shards"]:
+        with pq.ParquetFile(Path(dst) / shard["file"]) as pf:
+            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch.to_pylist()

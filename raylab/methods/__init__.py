@@ -1,0 +1,1 @@
+"""One module per paper. Each registers itself with :func:`raylab.registry.register_method`."""

@@ -1,0 +1,34 @@
+"""What every method module provides to the CLI, the trainer and the tuner."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from raylab.runtime.options import RunOptions
+
+
+class Method:
+    """A method: a config class, a driver-side ``train``, a Tune trial and a search space.
+
+    Subclasses set the class attributes and implement the methods; they wire models,
+    losses, transforms and metrics together and do not re-implement them.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Config: ClassVar[type]
+    #: The metric Tune optimises and its direction.
+    metric: ClassVar[str]
+    mode: ClassVar[str]
+    #: Default search space: dotted config key -> spec text (see raylab.runtime.tuner).
+    default_space: ClassVar[dict[str, str]] = {}
+
+    def train(self, cfg: Any, options: RunOptions, storage: str, experiment: str
+              ) -> dict[str, Any]:
+        """Train and evaluate as the config says; returns the summary written to disk."""
+        raise NotImplementedError
+
+    def tune_trial(self, cfg: Any, options: RunOptions, storage: str, run_name: str,
+                   callbacks: list[Any]) -> None:
+        """One Tune trial: fit a TorchTrainer that reports ``metric`` every epoch."""
+        raise NotImplementedError

@@ -1,0 +1,91 @@
+"""How and where a run executes: workers, resources, storage. Plain data, no Ray import."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from raylab.errors import ConfigError, StorageError
+
+# Schemes pyarrow's filesystem layer (which Ray Train uses for storage) understands.
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
+MIN_FREE_BYTES = 50 * 2**20
+
+
+@dataclass
+class RunOptions:
+    """Scale-out and storage flags shared by ``train`` and ``tune``.
+
+    Attributes:
+        workers: data-parallel Train workers; 0 runs the loop in the driver process
+            (Ray Train's in-process mode, handy for debugging and quick tests).
+        cpus_per_worker: CPUs per worker; Ray sets the worker's torch thread count to it.
+        gpus_per_worker: GPUs per worker (0 = CPU training).
+        storage: local folder or ``s3://``/``gs://`` URI (shared storage on a cluster).
+        name: experiment name; default ``<method>-<timestamp>``.
+        max_failures: worker failures tolerated; training restarts from the last checkpoint.
+    """
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    storage: str = "runs"
+    name: str = ""
+    max_failures: int = 0
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"--workers: expected an integer >= 0, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"--cpus-per-worker: expected > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"--gpus-per-worker: expected >= 0, got {self.gpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"--max-failures: expected >= -1, got {self.max_failures}")
+        if self.name and ("/" in self.name or self.name.startswith(".")):
+            raise ConfigError(f"--name: expected a plain folder name, got {self.name!r}")
+
+    @property
+    def is_remote(self) -> bool:
+        return urlparse(self.storage).scheme in REMOTE_SCHEMES
+
+    def resolved_storage(self) -> str:
+        """Absolute local path or the URI; checks local storage is writable now.
+
+        Failing here, before any worker starts, beats losing a run's first checkpoint.
+        """
+        parsed = urlparse(self.storage)
+        scheme = parsed.scheme
+        if scheme in REMOTE_SCHEMES:
+            return self.storage
+        if scheme == "file":
+            path = Path(parsed.path)
+        elif scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
+            raise StorageError(
+                f"--storage {self.storage!r}: unknown scheme {scheme!r}; expected a local "
+                f"path or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+            )
+        else:
+            path = Path(self.storage)
+        path = path.expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".raylab-write-test"):
+                pass
+        except OSError as exc:
+            raise StorageError(f"--storage {path}: not writable ({exc.strerror})") from None
+        if shutil.disk_usage(path).free < MIN_FREE_BYTES:
+            raise StorageError(f"--storage {path}: less than 50 MiB free")
+        return str(path)
+
+
+def local_path(storage: str, *parts: str) -> Path | None:
+    """``storage/parts...`` as a local Path, or None for remote storage."""
+    if urlparse(storage).scheme in REMOTE_SCHEMES:
+        return None
+    return Path(storage, *parts)
+
+

@@ -1,0 +1,60 @@
+"""Building and running a ``TorchTrainer`` from a method's loop and :class:`RunOptions`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raylab.runtime.logging_callback import MetricsLogger
+from raylab.runtime.options import RunOptions, local_path
+
+
+def scaling_config(options: RunOptions) -> ray.train.ScalingConfig:
+    """``--workers/--cpus-per-worker/--gpus-per-worker`` as a ScalingConfig."""
+    resources: dict[str, float] = {"CPU": options.cpus_per_worker}
+    if options.gpus_per_worker:
+        resources["GPU"] = options.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=options.workers,
+        use_gpu=options.gpus_per_worker > 0,
+        resources_per_worker=resources if options.workers else None,
+    )
+
+
+def fit(
+    train_loop: Callable[[dict[str, Any]], Any],
+    loop_config: dict[str, Any],
+    datasets: dict[str, Any],
+    options: RunOptions,
+    *,
+    storage: str,
+    name: str,
+    callbacks: list[Any] | None = None,
+    keep_checkpoints: int = 2,
+) -> ray.train.Result:
+    """Run ``train_loop`` data-parallel and return its Result.
+
+    Running again with the same ``storage``/``name`` resumes from the latest checkpoint
+    (Train V2's restore); callers choose unique names for fresh runs.
+    """
+    all_callbacks = list(callbacks or [])
+    folder = local_path(storage, name)
+    if folder is not None:
+        all_callbacks.append(MetricsLogger(str(folder)))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(options),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=all_callbacks,
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,150 @@
+"""Ray Tune over Ray Train: OptunaSearch + ASHA, one TorchTrainer per trial, resumable.
+
+Each trial is a function that applies its sampled overrides to the base config and asks
+the method to fit a TorchTrainer with ``TuneReportCallback`` (Train V2 cannot be passed
+to ``Tuner`` directly). Everything needed to rebuild that function is saved as
+``raylab_tune.json`` in the experiment folder, which is what ``--resume`` and
+``raylab analyze`` read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raylab import config as cfglib
+from raylab.errors import ConfigError, RaylabError
+from raylab.registry import get_method
+from raylab.runtime.options import RunOptions, local_path
+from raylab.runtime.search_space import Dimension
+
+SPEC_FILE = "raylab_tune.json"
+
+
+class TrialFailed(RaylabError):
+    """Every trial of a search failed."""
+
+
+def make_trainable(method_name: str, base_config: dict[str, Any], options: dict[str, Any],
+                   train_storage: str) -> Any:
+    """The Tune function for one trial (closes over plain data only)."""
+
+    def trial(overrides: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        method = get_method(method_name)
+        cfg = cfglib.apply_overrides(cfglib.from_dict(method.Config, base_config), overrides)
+        run_opts = RunOptions(**options)
+        trial_id = tune.get_context().get_trial_id()
+        method.tune_trial(cfg, run_opts, train_storage, trial_id, [TuneReportCallback()])
+
+    return trial
+
+
+def concurrency_cap(options: RunOptions, resources: dict[str, float]) -> int:
+    """How many trials fit at once: Tune cannot see the Train workers' resources."""
+    workers = max(options.workers, 1)
+    cap = int(resources.get("CPU", 1) // (workers * options.cpus_per_worker))
+    if options.gpus_per_worker:
+        cap = min(cap, int(resources.get("GPU", 0) // (workers * options.gpus_per_worker)))
+    return max(cap, 1)
+
+
+def _tuner(spec: dict[str, Any], storage: str, restore: bool) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raylab.runtime.cluster import cluster_resources
+
+    experiment = spec["experiment"]
+    trainable = tune.with_resources(
+        make_trainable(spec["method"], spec["base_config"], spec["options"],
+                       f"{storage.rstrip('/')}/{experiment}/train_runs"),
+        {"CPU": 0.01},
+    )
+    if restore:
+        return tune.Tuner.restore(f"{storage.rstrip('/')}/{experiment}", trainable=trainable,
+                                  resume_errored=True)
+    options = RunOptions(**spec["options"])
+    max_t = spec["max_epochs"]
+    space = {d["key"]: Dimension(d["key"], d["kind"], tuple(d["values"])).to_tune()
+             for d in spec["space"]}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=spec["metric"],
+            mode=spec["mode"],
+            search_alg=OptunaSearch(seed=spec["seed"]),
+            # Tune's training_iteration restarts at 0 on restore; the loop's own epoch
+            # does not, so ASHA's rungs stay right across --resume.
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=max_t,
+                                    grace_period=max(1, min(max_t, spec["grace_period"])),
+                                    reduction_factor=2),
+            num_samples=spec["trials"],
+            max_concurrent_trials=concurrency_cap(options, cluster_resources()),
+        ),
+        run_config=tune.RunConfig(name=experiment, storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+
+
+def run_search(method_name: str, cfg: Any, options: RunOptions, space: list[Dimension],
+               trials: int, storage: str, experiment: str, grace_period: int = 2
+               ) -> dict[str, Any]:
+    """Start a search; returns the spec saved beside it (see :func:`resume_search`)."""
+    method = get_method(method_name)
+    if not space:
+        raise ConfigError("--space: nothing to search; give at least one KEY=SPEC")
+    if trials < 1:
+        raise ConfigError(f"--trials: expected an integer >= 1, got {trials}")
+    spec = {
+        "method": method_name,
+        "experiment": experiment,
+        "storage": storage,
+        "base_config": cfglib.to_dict(cfg),
+        "options": vars(options).copy(),
+        "space": [{"key": d.key, "kind": d.kind, "values": list(d.values)} for d in space],
+        "trials": trials,
+        "metric": method.metric,
+        "mode": method.mode,
+        "max_epochs": cfg.optim.epochs,
+        "grace_period": grace_period,
+        "seed": getattr(cfg, "seed", 0),
+    }
+    folder = local_path(storage, experiment)
+    if folder is not None:
+        cfglib.atomic_write_text(folder / SPEC_FILE, json.dumps(spec, indent=2))
+    grid = _tuner(spec, storage, restore=False).fit()
+    return _finish(spec, grid)
+
+
+def load_spec(experiment_dir: str | Path) -> dict[str, Any]:
+    path = Path(experiment_dir) / SPEC_FILE
+    if not path.is_file():
+        raise ConfigError(f"{experiment_dir}: not a raylab tune experiment (no {SPEC_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+
+
+def resume_search(experiment_dir: str | Path) -> dict[str, Any]:
+    """Continue an interrupted search: finished trials are kept, the rest run."""
+    experiment_dir = Path(experiment_dir).resolve()
+    spec = load_spec(experiment_dir)
+    grid = _tuner(spec, str(experiment_dir.parent), restore=True).fit()
+    return _finish(spec, grid)
+
+
+def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
+    errors = [r.error for r in grid if r.error is not None]
+    if errors and len(errors) == len(grid):
+        raise TrialFailed(f"all {len(grid)} trials failed; first error: "
+                          f"{str(errors[0]).strip().splitlines()[-1]}")
+    return spec
+
+

@@ -1,0 +1,119 @@
+"""Helpers for code that runs inside Ray Train workers (or in-process with 0 workers).
+
+A method's train loop uses these and never touches ``torch.distributed`` or
+``ray.train`` directly, so the same loop runs on 1 CPU worker or N GPU workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raylab.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("raylab")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def worker_info() -> WorkerInfo:
+    """Rank, world size and the device Ray assigned to this worker."""
+    ctx = ray.train.get_context()
+    return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Move to the worker's device and wrap in DDP when there are several workers."""
+    if distributed():
+        return ray.train.torch.prepare_model(model)
+    return model.to(ray.train.torch.get_device())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over workers (in place on a copy); identity with one worker.
+
+    The gloo backend cannot reduce on CUDA tensors of every dtype, so reduction happens
+    on the tensor's own device with the process group Ray Train set up.
+    """
+    out = tensor.clone()
+    if distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """``torch.autocast`` for ``precision`` in {"fp32", "bf16", "fp16"}."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def restore_latest(**objects: Any) -> tuple[int, int, dict[str, Any] | None]:
+    """Restore from the run's latest checkpoint, if Ray Train has one.
+
+    Returns ``(next_epoch, step, state)``; ``(0, 0, None)`` on a fresh start.
+    """
+    from raylab.runtime.checkpoint import restore_checkpoint
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0, None
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder)
+    epoch, step = restore_checkpoint(state, **objects)
+    log.info("resumed from %s at epoch %d", checkpoint.path, epoch + 1)
+    return epoch + 1, step, state
+
+
+def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+    """Report metrics from every rank; rank 0 also saves and attaches a checkpoint.
+
+    ``checkpoint`` holds the keyword arguments of :func:`save_checkpoint`. Every rank must
+    call this (Ray Train synchronises reports); only rank 0 writes files.
+    """
+    if checkpoint is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylab-ckpt-") as tmp:
+        attached = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_checkpoint(Path(tmp), **checkpoint)
+            attached = ray.train.Checkpoint.from_directory(tmp)
+        # The upload is synchronous, so the temporary folder may go once this returns.
+        ray.train.report(metrics, checkpoint=attached)
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """``with timed() as t: ...`` then ``t["seconds"]``."""
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - start

@@ -1,0 +1,4 @@
+"""Pure numpy/torch transforms run inside Ray Data ``map_batches`` (no Ray import here).
+
+``windows``: sliding windows and per-channel z-normalisation of kinematic time series.
+"""
