@@ -163,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raylab.runtime.cluster import ensure_ray
 
     method, cfg = _method_config(args)
+    method.check(cfg)
     options, name = _options(args, method.name)
     ensure_ray(args.address)
     print(f"raylab train {method.name}: experiment {name} in {options.storage}", flush=True)
@@ -190,8 +191,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from raylab.runtime.search_space import parse_space
 
         method, cfg = _method_config(args)
-        options, name = _options(args, method.name)
         space = parse_space(method.Config, args.space or dict(method.default_space))
+        method.check(cfg)
+        options, name = _options(args, method.name)
         ensure_ray(args.address)
         print(f"raylab tune {method.name}: {args.trials} trials, experiment {name} "
               f"in {options.storage}", flush=True)
@@ -267,7 +269,10 @@ def find_raylab_error(exc: BaseException) -> RaylabError | None:
             continue
         seen.add(id(e))
         if isinstance(e, RaylabError):
-            return e
+            # Ray re-raises a task's exception as a subclass of both RayTaskError and the
+            # original type; its `cause` is the original with the clean message.
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, RaylabError) else e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         failures = getattr(e, "worker_failures", None) or {}
         stack += list(failures.values()) if isinstance(failures, dict) else []
@@ -287,9 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         err = find_raylab_error(exc)
         if err is None:
             raise
-        message = str(err).strip().splitlines()
-        print(f"raylab: error: {message[-1] if message else type(err).__name__}",
-              file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"raylab: error: {message}", file=sys.stderr)
         return err.exit_code
 
 

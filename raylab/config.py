@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import types
 from pathlib import Path
@@ -20,6 +21,10 @@ import yaml
 from raylab.errors import ConfigError
 
 C = TypeVar("C")
+
+# YAML 1.1 (PyYAML) reads `1e-3` as a string: it wants a dot in a float. Accept such text
+# where a float is expected, so that `--set optim.lr=1e-3` and `lr: 1e-3` work.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -76,6 +81,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -99,7 +106,7 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         raise ConfigError(f"config {where}: expected a mapping, got {data!r}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; known keys: "
@@ -165,7 +172,8 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse value {text!r}: {exc.problem}") from None
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"cannot parse value {text!r}: {why}") from None
 
 
 def apply_overrides(cfg: C, overrides: dict[str, Any] | list[str]) -> C:
@@ -180,7 +188,10 @@ def apply_overrides(cfg: C, overrides: dict[str, Any] | list[str]) -> C:
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
             key, text = item.split("=", 1)
-            parsed[key.strip()] = parse_value(text)
+            try:
+                parsed[key.strip()] = parse_value(text)
+            except ConfigError as exc:
+                raise ConfigError(f"--set {key.strip()}: {exc}") from None
         overrides = parsed
     data = to_dict(cfg)
     for key, value in overrides.items():
@@ -189,8 +200,18 @@ def apply_overrides(cfg: C, overrides: dict[str, Any] | list[str]) -> C:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node[part]
-        node[parts[-1]] = value
+        node[parts[-1]] = _merge(node.get(parts[-1]), value)
     return from_dict(type(cfg), data)
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """``new`` laid over ``old`` where both are mappings (a section keeps unset keys)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merge(out.get(k), v)
+    return out
 
 
 def load(cls: type[C], path: str | os.PathLike | None = None,
@@ -202,9 +223,12 @@ def load(cls: type[C], path: str | os.PathLike | None = None,
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc.problem})") from None
+            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{p}: not valid YAML ({why})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: cannot read config file ({exc})") from None
         try:
             cfg = from_dict(cls, data)
         except ConfigError as exc:

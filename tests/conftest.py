@@ -37,6 +37,6 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     from raylab.runtime.cluster import ensure_ray
 
-    ensure_ray(num_cpus=2)
+    ensure_ray()
     yield ray
     ray.shutdown()

@@ -23,6 +23,9 @@ class Method:
     #: Default search space: dotted config key -> spec text (see raylab.runtime.tuner).
     default_space: ClassVar[dict[str, str]] = {}
 
+    def check(self, cfg: Any) -> None:
+        """Validate the config against the data before Ray starts (cheap reads only)."""
+
     def train(self, cfg: Any, options: RunOptions, storage: str, experiment: str
               ) -> dict[str, Any]:
         """Train and evaluate as the config says; returns the summary written to disk."""

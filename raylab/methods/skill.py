@@ -334,6 +334,10 @@ class SkillMethod(Method):
         "model.dropout_fc": "(0.3, 0.6)",
     }
 
+    def check(self, cfg: SkillConfig) -> None:
+        _, trials = load_trials(cfg)
+        folds_for(cfg, trials)
+
     def train(self, cfg: SkillConfig, options: RunOptions, storage: str, experiment: str
               ) -> dict[str, Any]:
         paths, trials = load_trials(cfg)

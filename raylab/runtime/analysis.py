@@ -40,7 +40,7 @@ def collect(experiment_dir: str | Path) -> dict[str, Any]:
     frames = analysis.trial_dataframes
     rows, curves = [], {}
     for trial in analysis.trials:
-        df = frames.get(trial.path)
+        df = frames.get(trial.trial_id, frames.get(trial.path))
         history = [] if df is None or df.empty else df.to_dict("records")
         values = [h.get(metric) for h in history]
         checkpoints = [h.get("checkpoint_path") for h in history if h.get("checkpoint_path")]

@@ -124,7 +124,9 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle refusing a type, ...
-        raise CheckpointError(f"{path}: corrupt or unsafe checkpoint ({exc})") from None
+        # One line: torch's weights_only message spans many, and the CLI shows one.
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"{path}: corrupt or unsafe checkpoint ({detail})") from None
 
 
 def restore_checkpoint(

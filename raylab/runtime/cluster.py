@@ -17,12 +17,23 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+#: Logical CPUs a local cluster gets beyond the machine's cores. Ray Data's read and
+#: windowing tasks need a free CPU slot to run; without this, N workers on N cores hold
+#: every slot and the input pipeline (and so training) waits forever.
+DATA_HEADROOM_CPUS = 1
+
+
+def local_cpus() -> int:
+    return (os.cpu_count() or 1) + DATA_HEADROOM_CPUS
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process.
 
     Inside a Ray job (``RAY_ADDRESS`` set, or ``address`` given) this joins that cluster.
-    Otherwise it starts a local one bound to 127.0.0.1 with the dashboard off: nothing
-    is exposed beyond this machine unless the user starts a cluster themselves.
+    Otherwise it starts a local one whose dashboard and job API listen on 127.0.0.1
+    only, with Ray's token authentication left on. The local
+    cluster has :data:`DATA_HEADROOM_CPUS` more logical CPUs than cores (see there).
     """
     import ray
 
@@ -37,8 +48,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
+            num_cpus=num_cpus or local_cpus(),
+            # The dashboard process also serves the State API, which Train needs to
+            # release a Tune-stopped trial's placement group (without it, later trials
+            # wait forever for CPUs). It listens on loopback only.
+            include_dashboard=True,
             dashboard_host="127.0.0.1",
             log_to_driver=True,
             logging_level=logging.WARNING,

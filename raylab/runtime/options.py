@@ -62,6 +62,10 @@ class RunOptions:
         if scheme in REMOTE_SCHEMES:
             return self.storage
         if scheme == "file":
+            if parsed.netloc not in ("", "localhost") or not parsed.path:
+                # `file://runs` would otherwise silently mean the working directory.
+                raise StorageError(f"--storage {self.storage!r}: expected file:///ABSOLUTE/PATH "
+                                   "or a plain local path")
             path = Path(parsed.path)
         elif scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
             raise StorageError(

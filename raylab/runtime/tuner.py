@@ -34,6 +34,9 @@ def make_trainable(method_name: str, base_config: dict[str, Any], options: dict[
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from raylab.runtime.cluster import quiet_ray_data
+
+        quiet_ray_data()
         method = get_method(method_name)
         cfg = cfglib.apply_overrides(cfglib.from_dict(method.Config, base_config), overrides)
         run_opts = RunOptions(**options)
@@ -44,11 +47,16 @@ def make_trainable(method_name: str, base_config: dict[str, Any], options: dict[
 
 
 def concurrency_cap(options: RunOptions, resources: dict[str, float]) -> int:
-    """How many trials fit at once: Tune cannot see the Train workers' resources."""
-    workers = max(options.workers, 1)
-    cap = int(resources.get("CPU", 1) // (workers * options.cpus_per_worker))
+    """How many trials fit at once: Tune cannot see the Train workers' resources.
+
+    Each trial needs its workers plus one CPU for its Ray Data input tasks; without that
+    CPU, concurrent trials take every slot and their input pipelines wait forever.
+    """
+    per_trial_cpus = max(options.workers, 1) * options.cpus_per_worker + 1.0
+    cap = int(resources.get("CPU", 1) // per_trial_cpus)
     if options.gpus_per_worker:
-        cap = min(cap, int(resources.get("GPU", 0) // (workers * options.gpus_per_worker)))
+        gpus = max(options.workers, 1) * options.gpus_per_worker
+        cap = min(cap, int(resources.get("GPU", 0) // gpus))
     return max(cap, 1)
 
 
