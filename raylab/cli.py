@@ -282,7 +282,12 @@ def find_raylab_error(exc: BaseException) -> RaylabError | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        import raylab.bench
+
+        raylab.bench.COMMAND_START = started
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -37,6 +37,7 @@ def train_epoch(model, optimizer, batches, device, precision: str, all_reduce) -
 
     model.train()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    first_step_time = None
     for batch in batches:
         x = batch["x"].to(device, non_blocking=True)
         y = batch["y"].to(device, non_blocking=True)
@@ -46,13 +47,15 @@ def train_epoch(model, optimizer, batches, device, precision: str, all_reduce) -
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if first_step_time is None:
+            first_step_time = time.time()
         n = y.numel()
         totals += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n],
                                dtype=torch.float64)
     totals = all_reduce(totals)
     count = max(totals[2].item(), 1.0)
     return {"train_loss": totals[0].item() / count, "train_accuracy": totals[1].item() / count,
-            "train_samples": int(totals[2].item())}
+            "train_samples": int(totals[2].item()), "first_step_time": first_step_time}
 
 
 @torch.no_grad()
@@ -136,6 +139,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = train_epoch(model, optimizer, batches, info.device,
                                               cfg.precision, W.all_reduce_sum)
         train_seconds = time.perf_counter() - t0
+        first_step = metrics.pop("first_step_time")
+        if epoch == start_epoch and first_step is not None:
+            metrics["first_step_unix_time"] = first_step  # start-up cost, see `raylab bench`
         scheduler.step()
         step += 1
         result = evaluate(model, eval_shard.iter_torch_batches(batch_size=512), info.device,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,10 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=all_callbacks,
+            # Ray Train logs every report at INFO; raylab's own progress lines and
+            # metrics.jsonl already say that. RAYLAB_TRAIN_LOG_LEVEL=INFO brings it back.
+            logging_config=ray.train.LoggingConfig(
+                log_level=os.environ.get("RAYLAB_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
     return trainer.fit()

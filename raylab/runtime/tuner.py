@@ -95,7 +95,7 @@ def _tuner(spec: dict[str, Any], storage: str, restore: bool) -> Any:
             num_samples=spec["trials"],
             max_concurrent_trials=concurrency_cap(options, cluster_resources()),
         ),
-        run_config=tune.RunConfig(name=experiment, storage_path=storage,
+        run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
 
@@ -149,10 +149,16 @@ def resume_search(experiment_dir: str | Path) -> dict[str, Any]:
 
 
 def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
+    """Fail if every trial failed; say how to resume when the search was interrupted."""
     errors = [r.error for r in grid if r.error is not None]
     if errors and len(errors) == len(grid):
         raise TrialFailed(f"all {len(grid)} trials failed; first error: "
                           f"{str(errors[0]).strip().splitlines()[-1]}")
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    missing = spec["trials"] - len(grid)
+    spec = dict(spec, unfinished=unfinished + max(missing, 0))
+    if spec["unfinished"]:
+        where = f"{spec['storage'].rstrip('/')}/{spec['experiment']}"
+        print(f"search interrupted with {spec['unfinished']} trial(s) to go; continue with: "
+              f"raylab tune --resume {where}", flush=True)
     return spec
-
-

@@ -52,3 +52,43 @@ def test_resume_of_a_finished_search_reruns_nothing(experiment: Path) -> None:
     assert sorted(p.name for p in (experiment / "train_runs").iterdir()) == runs_before
     for name, text in lines_before.items():
         assert (experiment / "train_runs" / name / "metrics.jsonl").read_text() == text
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(
+        ray_cluster, sample_shards: Path, tmp_path: Path) -> None:
+    """Ctrl-C the driver after the first trial finished; --resume runs only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exp = tmp_path / "exp"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylab.cli", "tune", "skill", "--data", str(sample_shards),
+         "--set", "optim.epochs=2", "--space", "window=[30,60]", "--trials", "3",
+         "--storage", str(tmp_path), "--name", "exp"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    finished: list[Path] = []
+    try:
+        while time.time() < deadline and not finished:
+            time.sleep(1)
+            finished = [p for p in (exp / "train_runs").glob("*/metrics.jsonl")
+                        if len(p.read_text().splitlines()) == 2]
+        assert finished, "no trial finished within 240 s"
+        time.sleep(2)  # let Tune record the trial as terminated
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = {p.parent.name: p.read_text() for p in finished}
+
+    assert main(["tune", "--resume", str(exp)]) == 0
+    report = json.loads((exp / "analysis" / "analysis.json").read_text())
+    assert len(report["rows"]) == 3
+    assert all(r["epochs"] == 2 for r in report["rows"])
+    for trial_id, text in done_before.items():  # finished trials were not trained again
+        assert (exp / "train_runs" / trial_id / "metrics.jsonl").read_text() == text

@@ -1,0 +1,244 @@
+"""`raylab bench ...`: the figures in BENCHMARKS.md, each against a baseline in the same run.
+
+- ``train-overhead``: steady-state samples/s of the skill model in a 1-worker TorchTrainer
+  (streaming its windows from Ray Data) vs a plain PyTorch loop over the same windows held
+  in memory, with the same thread count; and the time from command start to the first
+  optimizer step.
+- ``ingest``: windows/s of the Ray Data pipeline (read shards, z-normalise, window,
+  iter_torch_batches) vs a torch DataLoader doing the same work with as many processes.
+- ``latency``: per-window inference latency of the skill model on one CPU thread.
+- ``scaling``: samples/s with 2 Train workers vs 1.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raylab import config as cfglib
+
+#: Set by the CLI as early as possible: "time from command start" is measured from here.
+COMMAND_START = time.time()
+
+
+def _shards(data: str | None, tmp: Path) -> str:
+    if data:
+        return str(Path(data).resolve())
+    from raylab.data import jigsaws
+
+    jigsaws.write_sample(tmp / "raw", tasks=("Suturing",))
+    jigsaws.convert_jigsaws(tmp / "raw", tmp / "shards")
+    return str(tmp / "shards")
+
+
+def _setup(shards: str, epochs: int) -> tuple[Any, list[str], list[Any], list[Any]]:
+    from raylab.methods.skill import SkillConfig, _select, folds_for, load_trials
+
+    cfg = cfglib.apply_overrides(SkillConfig(), {"data": shards, "optim.epochs": epochs,
+                                                 "checkpoint_every": 1000})
+    paths, trials = load_trials(cfg)
+    fold = folds_for(cfg, trials)[0]
+    return cfg, paths, _select(trials, fold.train), _select(trials, fold.test)
+
+
+def _in_memory_windows(cfg: Any, trials: list[Any]) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The fold's training windows built on the driver, as a plain loop would have them."""
+    from raylab.data.shards import iter_rows
+    from raylab.transforms.windows import ChannelStatsAccumulator, windows_from_trials
+
+    wanted = {t.name: t for t in trials}
+    rows = [r for r in iter_rows(cfg.data, columns=["name", "n_frames", "kinematics"])
+            if r["name"] in wanted]
+    acc = ChannelStatsAccumulator()
+    arrays = [np.asarray(r["kinematics"], dtype=np.float32) for r in rows]
+    for a in arrays:
+        acc.update(a.reshape(-1, 76))
+    stats = acc.result()
+    kin = np.empty(len(arrays), dtype=object)
+    kin[:] = arrays
+    batch = {"kinematics": kin, "n_frames": np.array([r["n_frames"] for r in rows]),
+             "label": np.array([wanted[r["name"]].label for r in rows]),
+             "trial_idx": np.arange(len(rows))}
+    out = windows_from_trials(batch, width=cfg.window, step=cfg.step, stats=stats)
+    return out["x"], out["y"], stats
+
+
+def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from raylab.methods.skill_loop import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    rates = []
+    for _ in range(cfg.optim.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(yt))
+        for i in range(0, len(yt), cfg.optim.batch_size):
+            idx = perm[i:i + cfg.optim.batch_size]
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rates.append(len(yt) / (time.perf_counter() - t0))
+    return statistics.median(rates[1:] or rates)
+
+
+def _ray_run(cfg: Any, paths: list[str], train: list[Any], test: list[Any], workers: int,
+             storage: Path, name: str) -> list[dict[str, Any]]:
+    from raylab.methods.skill import fit_fold
+    from raylab.runtime.options import RunOptions
+
+    fit_fold(cfg, RunOptions(workers=workers), paths, train, test, "test", str(storage), name)
+    return [json.loads(line) for line in (storage / name / "metrics.jsonl").open()]
+
+
+def _steady(rows: list[dict[str, Any]]) -> float:
+    rates = [r["samples_per_s"] for r in rows]
+    return statistics.median(rates[1:] or rates)
+
+
+def bench_train_overhead(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+    from raylab.runtime.cluster import ensure_ray
+
+    cfg, paths, train, test = _setup(shards, epochs)
+    ensure_ray()
+    rows = _ray_run(cfg, paths, train, test, 1, tmp / "runs", "overhead")
+    ray_rate = _steady(rows)
+    to_first_step = rows[0]["first_step_unix_time"] - COMMAND_START
+    x, y, _ = _in_memory_windows(cfg, train)
+    plain_rate = _plain_loop_samples_per_s(cfg, x, y, threads=1)
+    return {"bench": "train-overhead", "windows_per_epoch": int(len(y)), "epochs": epochs,
+            "ray_train_samples_per_s": round(ray_rate, 1),
+            "plain_loop_samples_per_s": round(plain_rate, 1),
+            "ratio": round(ray_rate / plain_rate, 3),
+            "command_start_to_first_step_s": round(to_first_step, 2)}
+
+
+class _DataLoaderWindows:
+    """IterableDataset over shard files: each DataLoader worker reads, windows and
+    z-normalises its own files (the usual hand-written baseline)."""
+
+    def __init__(self, paths: list[str], assign: dict[str, int], cfg: Any, stats: Any,
+                 batch: int) -> None:
+        self.paths, self.assign, self.cfg, self.stats, self.batch = paths, assign, cfg, stats, batch
+
+    def __iter__(self):
+        import pyarrow.parquet as pq
+        import torch
+
+        from raylab.transforms.windows import windows_from_trials
+
+        info = torch.utils.data.get_worker_info()
+        mine = self.paths[info.id::info.num_workers] if info else self.paths
+        for path in mine:
+            table = pq.read_table(path, columns=["name", "n_frames", "kinematics"])
+            names = table.column("name").to_pylist()
+            keep = [i for i, n in enumerate(names) if n in self.assign]
+            if not keep:
+                continue
+            table = table.take(keep)
+            kin = np.empty(len(keep), dtype=object)
+            kin[:] = [np.asarray(k, dtype=np.float32)
+                      for k in table.column("kinematics").to_numpy(zero_copy_only=False)]
+            out = windows_from_trials(
+                {"kinematics": kin, "n_frames": table.column("n_frames").to_numpy(),
+                 "label": np.array([self.assign[names[i]] for i in keep]),
+                 "trial_idx": np.arange(len(keep))},
+                width=self.cfg.window, step=self.cfg.step, stats=self.stats)
+            order = np.random.permutation(len(out["y"]))
+            for i in range(0, len(order), self.batch):
+                idx = order[i:i + self.batch]
+                yield torch.from_numpy(out["x"][idx]), torch.from_numpy(out["y"][idx])
+
+
+def bench_ingest(shards: str, epochs: int, tmp: Path, processes: int = 2) -> dict[str, Any]:
+    import torch
+
+    from raylab.methods.skill import channel_stats, window_dataset
+    from raylab.runtime.cluster import ensure_ray
+
+    cfg, paths, train, _ = _setup(shards, epochs)
+    ensure_ray()
+    stats = channel_stats(paths, {t.name for t in train})
+    ds = window_dataset(paths, train, cfg, stats, shuffle=True)
+    ray_rates, dl_rates = [], []
+    for _ in range(epochs):
+        t0, n = time.perf_counter(), 0
+        for b in ds.iter_torch_batches(batch_size=256, local_shuffle_buffer_size=4096):
+            n += len(b["y"])
+        ray_rates.append(n / (time.perf_counter() - t0))
+    loader = torch.utils.data.DataLoader(
+        _DataLoaderWindows(paths, {t.name: t.label for t in train}, cfg, stats, 256),
+        batch_size=None, num_workers=processes, persistent_workers=False)
+    for _ in range(epochs):
+        t0, n = time.perf_counter(), 0
+        for _x, y in loader:
+            n += len(y)
+        dl_rates.append(n / (time.perf_counter() - t0))
+    ray_rate, dl_rate = statistics.median(ray_rates[1:]), statistics.median(dl_rates[1:])
+    return {"bench": "ingest", "windows_per_epoch": n, "epochs": epochs,
+            "ray_data_windows_per_s": round(ray_rate), "dataloader_windows_per_s": round(dl_rate),
+            "dataloader_workers": processes, "ratio": round(ray_rate / dl_rate, 3)}
+
+
+def bench_latency(shards: str, epochs: int, tmp: Path, n: int = 2000) -> dict[str, Any]:
+    import torch
+
+    from raylab.methods.skill import SkillConfig
+    from raylab.methods.skill_loop import build_model
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"bench": "latency", "threads": 1}
+    for window in (30, 60, 90):
+        cfg = cfglib.apply_overrides(SkillConfig(), {"window": window})
+        model = build_model(cfg).eval()
+        x = torch.randn(1, window, 76)
+        times = []
+        with torch.inference_mode():
+            for _ in range(100):
+                model(x)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                torch.softmax(model(x), 1)
+                times.append((time.perf_counter() - t0) * 1e3)
+        out[f"W{window}_median_ms"] = round(statistics.median(times), 4)
+        out[f"W{window}_p95_ms"] = round(float(np.percentile(times, 95)), 4)
+    return out
+
+
+def bench_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+    from raylab.runtime.cluster import ensure_ray
+
+    cfg, paths, train, test = _setup(shards, epochs)
+    ensure_ray()
+    one = _steady(_ray_run(cfg, paths, train, test, 1, tmp / "runs", "w1"))
+    two = _steady(_ray_run(cfg, paths, train, test, 2, tmp / "runs", "w2"))
+    return {"bench": "scaling", "epochs": epochs, "one_worker_samples_per_s": round(one, 1),
+            "two_workers_samples_per_s": round(two, 1), "speedup": round(two / one, 3)}
+
+
+BENCHES = {"train-overhead": bench_train_overhead, "ingest": bench_ingest,
+           "latency": bench_latency, "scaling": bench_scaling}
+
+
+def run(name: str, data: str | None = None, epochs: int = 3) -> dict[str, Any]:
+    """Run one benchmark, print its figures as JSON and return them."""
+    with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
+        shards = _shards(data, Path(tmp)) if name != "latency" else ""
+        result = BENCHES[name](shards, max(epochs, 2), Path(tmp))
+    result["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(result, indent=2))
+    return result
