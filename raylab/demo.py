@@ -46,7 +46,7 @@ def run_demo(out: Path, trials: int = 4) -> None:
     out = out.resolve()
     shards = prepare_sample(out)
     cfg = cfglib.apply_overrides(SkillConfig(), {
-        "data": str(shards), "task": "Suturing", "cv": "loso", "optim.epochs": 6, "step": 10,
+        "data": str(shards), "task": "Suturing", "cv": "loso", "optim.epochs": 10, "step": 10,
         "checkpoint_every": 2,
     })
     options = RunOptions(workers=1, storage=str(out / "runs"))
