@@ -9,6 +9,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from raylab.errors import StorageError
 from raylab.runtime.logging_callback import MetricsLogger
 from raylab.runtime.options import RunOptions, local_path
 
@@ -43,7 +44,7 @@ def fit(
     """
     all_callbacks = list(callbacks or [])
     folder = local_path(storage, name)
-    if folder is not None:
+    if folder is not None and options.workers > 0:
         all_callbacks.append(MetricsLogger(str(folder)))
     trainer = TorchTrainer(
         train_loop,
@@ -62,4 +63,16 @@ def fit(
                 log_level=os.environ.get("RAYLAB_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
-    return trainer.fit()
+    if options.workers > 0:
+        return trainer.fit()
+    from raylab.runtime import worker
+
+    if folder is None:
+        raise StorageError("--workers 0 runs in-process and needs local --storage")
+    folder.mkdir(parents=True, exist_ok=True)
+    worker.LOCAL_RUN_DIR = folder
+    try:
+        result = trainer.fit()
+    finally:
+        worker.LOCAL_RUN_DIR = None
+    return result

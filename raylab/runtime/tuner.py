@@ -107,6 +107,9 @@ def run_search(method_name: str, cfg: Any, options: RunOptions, space: list[Dime
     method = get_method(method_name)
     if not space:
         raise ConfigError("--space: nothing to search; give at least one KEY=SPEC")
+    if options.workers < 1:
+        raise ConfigError("--workers: tune needs >= 1 (Tune receives each epoch's metrics "
+                          "through a Train callback, which in-process mode does not run)")
     if trials < 1:
         raise ConfigError(f"--trials: expected an integer >= 1, got {trials}")
     spec = {

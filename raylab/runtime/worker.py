@@ -7,6 +7,7 @@ A method's train loop uses these and never touches ``torch.distributed`` or
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +24,13 @@ import torch.distributed as dist
 from raylab.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("raylab")
+
+#: Set by :func:`raylab.runtime.trainer.fit` for ``--workers 0``. Ray Train's in-process
+#: mode neither persists checkpoints nor calls callbacks, so in that mode these helpers write
+#: checkpoints, metrics.jsonl and TensorBoard into the run folder themselves and resume from
+#: it. The loop runs in the same process, so a module global reaches it.
+LOCAL_RUN_DIR: Path | None = None
+LOCAL_KEEP_CHECKPOINTS = 2
 
 
 @dataclass(frozen=True)
@@ -80,13 +88,21 @@ def restore_latest(**objects: Any) -> tuple[int, int, dict[str, Any] | None]:
     """
     from raylab.runtime.checkpoint import restore_checkpoint
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, 0, None
-    with checkpoint.as_directory() as folder:
-        state = load_checkpoint(folder)
+    if LOCAL_RUN_DIR is not None:
+        saved = sorted(LOCAL_RUN_DIR.glob("checkpoint_*/state.pt"))
+        if not saved:
+            return 0, 0, None
+        state = load_checkpoint(saved[-1].parent)
+        source = str(saved[-1].parent)
+    else:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, 0, None
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder)
+        source = checkpoint.path
     epoch, step = restore_checkpoint(state, **objects)
-    log.info("resumed from %s at epoch %d", checkpoint.path, epoch + 1)
+    log.info("resumed from %s at epoch %d", source, epoch + 1)
     return epoch + 1, step, state
 
 
@@ -96,6 +112,9 @@ def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) ->
     ``checkpoint`` holds the keyword arguments of :func:`save_checkpoint`. Every rank must
     call this (Ray Train synchronises reports); only rank 0 writes files.
     """
+    if LOCAL_RUN_DIR is not None:
+        _report_in_process(LOCAL_RUN_DIR, metrics, checkpoint)
+        return
     if checkpoint is None:
         ray.train.report(metrics)
         return
@@ -106,6 +125,22 @@ def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) ->
             attached = ray.train.Checkpoint.from_directory(tmp)
         # The upload is synchronous, so the temporary folder may go once this returns.
         ray.train.report(metrics, checkpoint=attached)
+
+
+def _report_in_process(run_dir: Path, metrics: dict[str, Any],
+                       checkpoint: dict[str, Any] | None) -> None:
+    from raylab.runtime.logging_callback import MetricsLogger
+
+    attached = None
+    if checkpoint is not None:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f".{time.time_ns() % 10**9:09d}"
+        folder = save_checkpoint(run_dir / f".tmp_checkpoint_{stamp}", **checkpoint)
+        final = folder.rename(run_dir / f"checkpoint_{stamp}")
+        for old in sorted(run_dir.glob("checkpoint_*"))[:-LOCAL_KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        attached = ray.train.Checkpoint.from_directory(str(final))
+    MetricsLogger(str(run_dir)).after_report(None, [metrics], attached)
+    ray.train.report(metrics, checkpoint=attached)
 
 
 @contextmanager
