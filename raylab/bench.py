@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from raylab import config as cfglib
 
@@ -127,17 +128,17 @@ def bench_train_overhead(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
             "command_start_to_first_step_s": round(to_first_step, 2)}
 
 
-class _DataLoaderWindows:
+class _DataLoaderWindows(torch.utils.data.IterableDataset):
     """IterableDataset over shard files: each DataLoader worker reads, windows and
     z-normalises its own files (the usual hand-written baseline)."""
 
     def __init__(self, paths: list[str], assign: dict[str, int], cfg: Any, stats: Any,
                  batch: int) -> None:
+        super().__init__()
         self.paths, self.assign, self.cfg, self.stats, self.batch = paths, assign, cfg, stats, batch
 
     def __iter__(self):
         import pyarrow.parquet as pq
-        import torch
 
         from raylab.transforms.windows import windows_from_trials
 
