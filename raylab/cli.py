@@ -168,8 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ensure_ray(args.address)
     print(f"raylab train {method.name}: experiment {name} in {options.storage}", flush=True)
     summary = method.train(cfg, options, options.storage, name)
-    if hasattr(sys.modules[type(method).__module__], "print_summary"):
-        sys.modules[type(method).__module__].print_summary(summary)
+    method.print_summary(summary)
     print(f"\nresults: {Path(options.storage) / name}")
     return 0
 

@@ -31,6 +31,12 @@ class Method:
         """Train and evaluate as the config says; returns the summary written to disk."""
         raise NotImplementedError
 
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        """Print the result of :meth:`train` for a person; the default is JSON."""
+        import json
+
+        print(json.dumps(summary, indent=2, default=str))
+
     def tune_trial(self, cfg: Any, options: RunOptions, storage: str, run_name: str,
                    callbacks: list[Any]) -> None:
         """One Tune trial: fit a TorchTrainer that reports ``metric`` every epoch."""

@@ -360,6 +360,9 @@ class SkillMethod(Method):
         write_train_report(cfg, summary, local_path(storage, experiment))
         return summary
 
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        print_summary(summary)
+
     def tune_trial(self, cfg: SkillConfig, options: RunOptions, storage: str, run_name: str,
                    callbacks: list[Any]) -> None:
         """Fit on the first fold's training trials; validate on a split of them.
