@@ -303,8 +303,9 @@ def summarise(cfg: SkillConfig, fold_results: list[dict[str, Any]]) -> dict[str,
 
 def fold_result(fold: Fold, test: list[Trial], metrics: dict[str, Any], checkpoint: Any,
                 seconds: float) -> dict[str, Any]:
-    votes = np.asarray(metrics["test_votes"])[: len(test)]
-    predicted = votes.argmax(1)
+    from raylab.methods.skill_loop import vote_predictions
+
+    predicted = vote_predictions(metrics["test_votes"], len(test))
     correct = int(sum(int(p == t.label) for p, t in zip(predicted, test)))
     return {
         "fold": fold.name,

@@ -92,13 +92,17 @@ def evaluate(model, batches, device, n_trials: int, num_classes: int, precision:
     }
 
 
+def vote_predictions(votes: list[list[int]], n_trials: int) -> np.ndarray:
+    """Each trial's majority-vote class from its window votes (ties -> lowest index)."""
+    return np.asarray(votes)[:n_trials].argmax(1)
+
+
 def trial_vote_accuracy(votes: list[list[int]], trial_labels: list[int]) -> float:
-    """Majority vote of windows per trial (ties -> lowest class index) vs the trial label."""
-    v = np.asarray(votes)[: len(trial_labels)]
-    has_windows = v.sum(1) > 0
+    """Majority vote of windows per trial vs the trial label, over trials with windows."""
+    has_windows = np.asarray(votes)[: len(trial_labels)].sum(1) > 0
     if not has_windows.any():
         return float("nan")
-    pred = v.argmax(1)
+    pred = vote_predictions(votes, len(trial_labels))
     return float((pred == np.asarray(trial_labels))[has_windows].mean())
 
 
