@@ -183,7 +183,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tuner.load_spec(exp)  # fails early, before Ray starts, if EXP is not one
         ensure_ray(args.address)
         print(f"resuming Tune experiment {exp}", flush=True)
-        tuner.resume_search(exp)
+        spec = tuner.resume_search(exp)
     else:
         if not args.method:
             raise RaylabError("raylab tune: give a METHOD or --resume EXP")
@@ -196,14 +196,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         ensure_ray(args.address)
         print(f"raylab tune {method.name}: {args.trials} trials, experiment {name} "
               f"in {options.storage}", flush=True)
-        tuner.run_search(method.name, cfg, options, space, args.trials, options.storage, name,
-                         grace_period=args.grace_period)
+        spec = tuner.run_search(method.name, cfg, options, space, args.trials,
+                                options.storage, name, grace_period=args.grace_period)
         exp = Path(options.storage) / name
     result = collect(exp)
     out = write_report(result)
     print("\n" + format_table(result))
     _print_best(result, out)
-    return 0
+    # An interrupted search is not a success: scripts (and `ray job submit`) must see it.
+    return 130 if spec["unfinished"] else 0
 
 
 def _print_best(result: dict[str, Any], out: Path) -> None:

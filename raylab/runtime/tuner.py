@@ -157,9 +157,9 @@ def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
     if errors and len(errors) == len(grid):
         raise TrialFailed(f"all {len(grid)} trials failed; first error: "
                           f"{str(errors[0]).strip().splitlines()[-1]}")
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
-    missing = spec["trials"] - len(grid)
-    spec = dict(spec, unfinished=unfinished + max(missing, 0))
+    # Trials Tune never created (still in the searcher) are missing from the grid.
+    done = grid.num_terminated + grid.num_errors
+    spec = dict(spec, unfinished=max(spec["trials"] - done, 0))
     if spec["unfinished"]:
         where = f"{spec['storage'].rstrip('/')}/{spec['experiment']}"
         print(f"search interrupted with {spec['unfinished']} trial(s) to go; continue with: "

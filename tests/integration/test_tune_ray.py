@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +58,48 @@ def test_resume_of_a_finished_search_reruns_nothing(experiment: Path) -> None:
     for name, text in lines_before.items():
         assert (experiment / "train_runs" / name / "metrics.jsonl").read_text() == text
 
+
+
+def _wait_for(predicate, timeout: float, proc) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"raylab tune exited early with {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the search to progress")
+        time.sleep(0.5)
+
+
+def test_interrupted_search_resumes_without_rerunning(ray_cluster, sample_shards,
+                                                      tmp_path: Path) -> None:
+    """SIGINT while the second trial runs; --resume finishes the rest, keeps the first."""
+    storage, exp = tmp_path / "store", tmp_path / "store" / "exp"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    log = (tmp_path / "tune.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylab", "tune", "skill", "--data", str(sample_shards),
+         "--set", "optim.epochs=2", "--set", "step=10", "--space", "window=[30,60]",
+         "--trials", "3", "--grace-period", "2", "--storage", str(storage), "--name", "exp"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    runs = exp / "train_runs"
+
+    def finished_runs() -> list[Path]:
+        return [p for p in runs.glob("*/metrics.jsonl") if '"epoch": 2' in p.read_text()]
+
+    def second_trial_running() -> bool:
+        started = [p for p in runs.glob("*/metrics.jsonl") if p.stat().st_size > 0]
+        return len(finished_runs()) == 1 and len(started) == 2
+
+    _wait_for(lambda: runs.is_dir() and second_trial_running(), 240, proc)
+    first = finished_runs()[0]
+    first_text = first.read_text()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "tune.log").read_text()[-2000:]
+    assert "raylab tune --resume" in (tmp_path / "tune.log").read_text()
+
+    assert main(["tune", "--resume", str(exp)]) == 0
+    report = json.loads((exp / "analysis" / "analysis.json").read_text())
+    assert len(report["rows"]) == 3
+    assert all(r["epochs"] == 2 for r in report["rows"])
+    assert first.read_text() == first_text  # the finished trial was not run again
