@@ -71,10 +71,14 @@ def _in_memory_windows(cfg: Any, trials: list[Any]) -> tuple[np.ndarray, np.ndar
 
 
 def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    import torch
-    import torch.nn.functional as F
+    """The same step code (``train_epoch``) over the windows in memory, without Ray.
 
-    from raylab.methods.skill_loop import build_model
+    Both sides run the identical per-batch work (forward, backward, AdamW, loss/accuracy
+    bookkeeping), so the ratio measures what the platform adds and nothing else.
+    """
+    import torch
+
+    from raylab.methods.skill_loop import build_model, train_epoch
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -84,15 +88,12 @@ def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: i
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
     rates = []
     for _ in range(cfg.optim.epochs):
-        t0 = time.perf_counter()
-        model.train()
         perm = torch.randperm(len(yt))
-        for i in range(0, len(yt), cfg.optim.batch_size):
-            idx = perm[i:i + cfg.optim.batch_size]
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        batches = ({"x": xt[perm[i:i + cfg.optim.batch_size]],
+                    "y": yt[perm[i:i + cfg.optim.batch_size]]}
+                   for i in range(0, len(yt), cfg.optim.batch_size))
+        t0 = time.perf_counter()
+        train_epoch(model, opt, batches, torch.device("cpu"), cfg.precision, lambda t: t)
         rates.append(len(yt) / (time.perf_counter() - t0))
     return statistics.median(rates[1:] or rates)
 

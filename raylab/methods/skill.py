@@ -97,6 +97,9 @@ class SkillConfig:
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     shuffle_buffer: int = 4096
+    #: Keep each worker's windows in memory after the first epoch when they fit in this
+    #: many MiB (0 streams every epoch); see raylab.runtime.batch_cache.
+    cache_mb: int = 1024
     checkpoint_every: int = 5
     model: SkillModelConfig = field(default_factory=SkillModelConfig)
     optim: SkillOptimConfig = field(default_factory=SkillOptimConfig)
@@ -116,6 +119,7 @@ class SkillConfig:
         cfglib.require(self.shuffle_buffer >= 0, "shuffle_buffer", ">= 0", self.shuffle_buffer)
         cfglib.require(self.checkpoint_every >= 1, "checkpoint_every", ">= 1",
                        self.checkpoint_every)
+        cfglib.require(self.cache_mb >= 0, "cache_mb", "an integer >= 0 (MiB)", self.cache_mb)
 
 
 # ----------------------------------------------------------------------------- driver side

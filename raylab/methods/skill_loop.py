@@ -113,6 +113,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from raylab.config import from_dict
     from raylab.methods.skill import SkillConfig
     from raylab.runtime import worker as W
+    from raylab.runtime.batch_cache import BatchCache
 
     cfg = from_dict(SkillConfig, loop_config["config"])
     eval_split: str = loop_config["eval_split"]
@@ -132,14 +133,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.optim.batch_size // info.world_size)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard(eval_split)
+    # Windows are the same every epoch: stream them once, then replay from memory.
+    train_cache = BatchCache(cfg.cache_mb << 20)
+    eval_cache = BatchCache(cfg.cache_mb << 20)
     meta = loop_config["checkpoint_meta"]
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + info.rank,
-        )
+        seed = cfg.seed * 100_003 + epoch * 101 + info.rank
+        batches = train_cache.epoch(
+            lambda seed=seed: train_shard.iter_torch_batches(
+                batch_size=per_worker_batch,
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=seed),
+            per_worker_batch, shuffle_seed=seed)
         metrics: dict[str, Any] = train_epoch(model, optimizer, batches, info.device,
                                               cfg.precision, W.all_reduce_sum)
         train_seconds = time.perf_counter() - t0
@@ -148,7 +154,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["first_step_unix_time"] = first_step  # start-up cost, see `raylab bench`
         scheduler.step()
         step += 1
-        result = evaluate(model, eval_shard.iter_torch_batches(batch_size=512), info.device,
+        eval_batches = eval_cache.epoch(lambda: eval_shard.iter_torch_batches(batch_size=512),
+                                        512)
+        result = evaluate(model, eval_batches, info.device,
                           len(trial_labels), 3, cfg.precision, W.all_reduce_sum)
         metrics.update({
             "epoch": epoch + 1,
