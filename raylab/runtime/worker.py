@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from raylab.runtime.checkpoint import load_checkpoint, save_checkpoint
+from raylab.runtime.precision import autocast  # noqa: F401  (re-exported for loops)
 
 log = logging.getLogger("raylab")
 
@@ -71,14 +72,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if distributed():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    """``torch.autocast`` for ``precision`` in {"fp32", "bf16", "fp16"}."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def restore_latest(**objects: Any) -> tuple[int, int, dict[str, Any] | None]:
