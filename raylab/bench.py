@@ -8,6 +8,8 @@
   iter_torch_batches) vs a torch DataLoader doing the same work with as many processes.
 - ``latency``: per-window inference latency of the skill model on one CPU thread.
 - ``scaling``: samples/s with 2 Train workers vs 1.
+
+Image benchmarks (``ingest-images``, ``convnext-cifar``) live in :mod:`raylab.bench_images`.
 """
 
 from __future__ import annotations
@@ -238,9 +240,15 @@ BENCHES = {"train-overhead": bench_train_overhead, "ingest": bench_ingest,
 
 def run(name: str, data: str | None = None, epochs: int = 3) -> dict[str, Any]:
     """Run one benchmark, print its figures as JSON and return them."""
+    from raylab import bench_images
+
     with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
-        shards = _shards(data, Path(tmp)) if name != "latency" else ""
-        result = BENCHES[name](shards, max(epochs, 2), Path(tmp))
+        if name in bench_images.BENCHES:
+            shards = bench_images.image_shards(data, Path(tmp))
+            result = bench_images.BENCHES[name](shards, max(epochs, 2), Path(tmp))
+        else:
+            shards = _shards(data, Path(tmp)) if name != "latency" else ""
+            result = BENCHES[name](shards, max(epochs, 2), Path(tmp))
     result["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(result, indent=2))
     return result

@@ -48,18 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="convert, inspect and sample datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     conv = dsub.add_parser("convert", help="raw dataset -> Parquet shards + manifest.json")
-    conv.add_argument("format", choices=["jigsaws"])
+    conv.add_argument("format", choices=["jigsaws", "imagefolder"])
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (JIGSAWS)")
+    conv.add_argument("--splits", default=None, metavar="A,B",
+                      help="comma-separated split folders, e.g. train,test (imagefolder; "
+                           "default: all)")
+    conv.add_argument("--skip-bad", action="store_true",
+                      help="skip and record files that are not decodable images "
+                           "(imagefolder; default: fail listing them)")
     conv.add_argument("--overwrite", action="store_true")
     insp = dsub.add_parser("inspect", help="what a shard folder holds")
     insp.add_argument("dst")
     insp.add_argument("--json", action="store_true", help="one JSON object on stdout")
     samp = dsub.add_parser("sample", help="write a small synthetic raw sample")
-    samp.add_argument("format", choices=["jigsaws"])
+    samp.add_argument("format", choices=["jigsaws", "images"])
     samp.add_argument("dst")
     samp.add_argument("--seed", type=int, default=0)
+    g = samp.add_argument_group("images (synthetic ImageFolder)")
+    g.add_argument("--classes", type=int, default=None, help="number of classes (default 4)")
+    g.add_argument("--train-per-class", type=int, default=None, help="default 60")
+    g.add_argument("--test-per-class", type=int, default=None, help="default 20")
+    g.add_argument("--size", type=int, default=None, help="image side in pixels (default 32)")
 
     train = sub.add_parser("train", help="train and evaluate a method")
     _config_flags(train)
@@ -92,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--quiet", action="store_true", help="only the final estimate")
 
     bench = sub.add_parser("bench", help="benchmarks (figures for BENCHMARKS.md)")
-    bench.add_argument("name", choices=["train-overhead", "ingest", "latency", "scaling"])
-    bench.add_argument("--data", default=None, help="JIGSAWS shards (default: a fresh sample)")
+    bench.add_argument("name", choices=["train-overhead", "ingest", "latency", "scaling",
+                                        "ingest-images", "convnext-cifar"])
+    bench.add_argument("--data", default=None,
+                       help="JIGSAWS shards, or for image benches an image shard folder or "
+                            "ImageFolder (default: a fresh sample, or the CIFAR-10 subset)")
     bench.add_argument("--epochs", type=int, default=3)
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
@@ -142,20 +156,46 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMAGE_SAMPLE_FLAGS = ("classes", "train_per_class", "test_per_class", "size")
+
+
+def _only_for(args: argparse.Namespace, fmt: str, flags: dict[str, bool]) -> None:
+    """Refuse flags given for another format than the one they belong to."""
+    given = [name for name, is_set in flags.items() if is_set]
+    if args.format != fmt and given:
+        raise RaylabError(f"{', '.join(given)}: only for {fmt}, not {args.format}")
+
+
 def cmd_data(args: argparse.Namespace) -> int:
-    from raylab.data import jigsaws
+    from raylab.data import imagefolder, jigsaws
     from raylab.data.inspect import format_inspection, inspect_shards
 
     if args.data_command == "convert":
-        summary = jigsaws.convert_jigsaws(args.src, args.dst, tasks=args.tasks,
-                                          overwrite=args.overwrite)
+        _only_for(args, "jigsaws", {"--tasks": args.tasks is not None})
+        _only_for(args, "imagefolder", {"--splits": args.splits is not None,
+                                        "--skip-bad": args.skip_bad})
+        if args.format == "imagefolder":
+            splits = None if args.splits is None else args.splits.split(",")
+            summary = imagefolder.convert_imagefolder(args.src, args.dst, splits=splits,
+                                                      skip_bad=args.skip_bad,
+                                                      overwrite=args.overwrite)
+        else:
+            summary = jigsaws.convert_jigsaws(args.src, args.dst, tasks=args.tasks,
+                                              overwrite=args.overwrite)
         print(json.dumps(summary, indent=2, default=str))
     elif args.data_command == "inspect":
         info = inspect_shards(args.dst)
         print(json.dumps(info, default=str) if args.json else format_inspection(info))
     elif args.data_command == "sample":
-        path = jigsaws.write_sample(args.dst, seed=args.seed)
-        print(f"wrote a synthetic JIGSAWS-format sample to {path}")
+        given = {k: getattr(args, k) for k in _IMAGE_SAMPLE_FLAGS
+                 if getattr(args, k) is not None}
+        _only_for(args, "images", {"--" + k.replace("_", "-"): True for k in given})
+        if args.format == "images":
+            path = imagefolder.write_image_sample(args.dst, seed=args.seed, **given)
+            print(f"wrote a synthetic ImageFolder image sample to {path}")
+        else:
+            path = jigsaws.write_sample(args.dst, seed=args.seed)
+            print(f"wrote a synthetic JIGSAWS-format sample to {path}")
     return 0
 
 

@@ -8,12 +8,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from raylab.data import imagefolder
 from raylab.data.jigsaws import SKILL_LEVELS
 from raylab.data.shards import read_manifest
 
 _GROUP_COLUMN = "task"
 _LABEL_COLUMNS = ("skill", "label")
-_SMALL_COLUMNS = ("task", "subject", "skill", "label", "n_frames")
+_SMALL_COLUMNS = ("task", "split", "subject", "skill", "label", "n_frames")
+_SKIPPED_TEXT = {"no_meta": "without meta line", "missing_file": "without file",
+                 "bad_file": "bad file(s)"}
+_MAX_LISTED_LABELS = 12
 
 
 def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
@@ -27,6 +31,9 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         ``counts`` ({group: {label: n}}, group = task), ``subjects`` ({group: [..]}),
         ``schema``, ``shards`` (count), ``path``, ``skipped`` ({"no_meta": [..],
         "missing_file": [..]}) and ``extra`` (the manifest's extra without channel names).
+        For ``format="imagefolder"``: ``counts`` is {split: {class name: n}} in class
+        order, ``class_names``, ``split_shards`` ({split: number of shards}), ``skipped`` is
+        {"bad_file": [{"path", "reason"}]}, and ``extra`` leaves out what these repeat.
 
     Raises:
         DataError: The folder or manifest is invalid.
@@ -40,6 +47,8 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         for name in columns:
             values[name].extend(table.column(name).to_pylist())
     extra = manifest.get("extra") or {}
+    if manifest["format"] == imagefolder.FORMAT:
+        return _inspect_imagefolder(dst, manifest, values)
     return {
         "format": manifest["format"],
         "rows": manifest["rows"],
@@ -53,6 +62,33 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         "skipped": {"no_meta": list(extra.get("skipped_no_meta", [])),
                     "missing_file": list(extra.get("skipped_missing_file", []))},
         "extra": {k: v for k, v in extra.items() if k != "channel_names"},
+    }
+
+
+def _inspect_imagefolder(dst: str | os.PathLike, manifest: dict[str, Any],
+                         values: dict[str, list[Any]]) -> dict[str, Any]:
+    """Summary of an imagefolder shard folder: counts per split and class name."""
+    names = imagefolder.class_names(dst)
+    extra = manifest["extra"]
+    counts = {split: dict.fromkeys(names, 0) for split in extra["split_shards"]}
+    for split, label in zip(values["split"], values["label"], strict=True):
+        counts.setdefault(split, dict.fromkeys(names, 0))[names[label]] += 1
+    shown = {k: v for k, v in extra.items()
+             if k not in ("class_names", "split_shards", "counts", "skipped")}
+    return {
+        "format": manifest["format"],
+        "rows": manifest["rows"],
+        "frames": None,
+        "counts": counts,
+        "class_names": names,
+        "split_shards": {s: len(files) for s, files in extra["split_shards"].items()},
+        "subjects": {},
+        "schema": manifest["schema"],
+        "shards": len(manifest["shards"]),
+        "path": os.path.abspath(os.fspath(dst)),
+        "created": manifest.get("created"),
+        "skipped": {"bad_file": list(extra.get("skipped", []))},
+        "extra": shown,
     }
 
 
@@ -99,16 +135,40 @@ def format_inspection(info: dict[str, Any]) -> str:
     ]
     if info.get("frames") is not None:
         lines.append(f"frames:  {info['frames']}")
+    if info.get("class_names") is not None:
+        lines.append(f"classes: {len(info['class_names'])} ({_listing(info['class_names'])})")
     for group, counts in info.get("counts", {}).items():
-        per_label = ", ".join(f"{label}={n}" for label, n in counts.items())
         subjects = "".join(info.get("subjects", {}).get(group, []))
         tail = f"  subjects {subjects}" if subjects else ""
-        lines.append(f"  {group:<16} {sum(counts.values()):>5} rows ({per_label}){tail}")
-    skipped = info.get("skipped", {})
-    for key, text in (("no_meta", "without meta line"), ("missing_file", "without file")):
-        names = skipped.get(key) or []
-        if names:
-            lines.append(f"skipped {len(names)} {text}: {', '.join(names)}")
+        n_shards = info.get("split_shards", {}).get(group)
+        where = "" if n_shards is None else f" in {n_shards} shard(s)"
+        lines.append(f"  {group:<16} {sum(counts.values()):>5} rows{where} "
+                     f"({_per_label(counts)}){tail}")
+    for key, entries in info.get("skipped", {}).items():
+        if entries:
+            text = _SKIPPED_TEXT.get(key, key)
+            if key == "bad_file":
+                named = _listing([f"{e['path']} ({e['reason']})" for e in entries])
+            else:
+                named = ", ".join(entries)
+            lines.append(f"skipped {len(entries)} {text}: {named}")
     lines.append("schema:  " + ", ".join(f"{k}: {v}" for k, v in info["schema"].items()))
     return "\n".join(lines)
 
+
+def _per_label(counts: dict[str, int]) -> str:
+    """``N=19, I=10, E=9``; ``500 per label`` or a range when there are many labels."""
+    low, high = min(counts.values(), default=0), max(counts.values(), default=0)
+    if len(counts) > 4 and low == high:
+        return f"{low} per label"
+    if len(counts) <= _MAX_LISTED_LABELS:
+        return ", ".join(f"{label}={n}" for label, n in counts.items())
+    return f"{low}-{high} per label"
+
+
+def _listing(items: list[str]) -> str:
+    """Comma-separated items, shortened after the first few."""
+    if len(items) <= _MAX_LISTED_LABELS:
+        return ", ".join(items)
+    rest = len(items) - _MAX_LISTED_LABELS
+    return ", ".join(items[:_MAX_LISTED_LABELS]) + f", ... and {rest} more"

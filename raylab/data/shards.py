@@ -12,12 +12,13 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raylab.config import atomic_write_text
@@ -30,8 +31,9 @@ _FOLDER_HINT = "expected a shard folder with manifest.json and *.parquet files"
 
 
 def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: str,
-                 extra: dict[str, Any] | None = None, rows_per_shard: int = 256,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 extra: dict[str, Any] | Callable[[list[dict[str, Any]]], dict[str, Any]]
+                 | None = None, rows_per_shard: int = 256, overwrite: bool = False,
+                 group_by: str | None = None) -> dict[str, Any]:
     """Write tables as Parquet shards plus ``manifest.json`` into the folder ``dst``.
 
     Args:
@@ -39,9 +41,14 @@ def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: 
             ``rows_per_shard`` rows (the last shard may be shorter).
         dst: Destination folder; it must not exist unless ``overwrite``.
         format: Dataset format name stored in the manifest (e.g. ``"jigsaws"``).
-        extra: JSON-serialisable metadata stored under the manifest's ``"extra"`` key.
+        extra: JSON-serialisable metadata stored under the manifest's ``"extra"`` key, or
+            a function of the shard entries returning it, called once every table has been
+            consumed (so that it can report what the tables' producer counted).
         rows_per_shard: Rows per Parquet file.
         overwrite: Replace an existing ``dst``.
+        group_by: A column holding one value per table (e.g. ``"split"``). Tables of
+            different values never share a shard (the last shard of each run of equal
+            values may be shorter), and each shard entry records the value as ``"group"``.
 
     Returns:
         The manifest that was written.
@@ -59,8 +66,9 @@ def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: 
     tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        shards, schema = _write_parts(tables, tmp, rows_per_shard)
-        manifest = _make_manifest(format, shards, schema, extra)
+        shards, schema = _write_parts(tables, tmp, rows_per_shard, group_by)
+        meta = extra(shards) if callable(extra) else extra
+        manifest = _make_manifest(format, shards, schema, meta)
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _move_into_place(tmp, dst, overwrite)
     except BaseException:
@@ -69,28 +77,53 @@ def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: 
     return manifest
 
 
-def _write_parts(tables: Iterable[pa.Table], folder: Path,
-                 rows_per_shard: int) -> tuple[list[dict[str, Any]], pa.Schema | None]:
+def _write_parts(tables: Iterable[pa.Table], folder: Path, rows_per_shard: int,
+                 group_by: str | None = None,
+                 ) -> tuple[list[dict[str, Any]], pa.Schema | None]:
     """Re-cut ``tables`` into shards of ``rows_per_shard`` rows written into ``folder``."""
     shards: list[dict[str, Any]] = []
     pending: list[pa.Table] = []
     n_pending = 0
     schema: pa.Schema | None = None
+    group: Any = None
+
+    def flush(table: pa.Table) -> None:
+        entry = _write_part(table, folder, len(shards))
+        if group_by is not None:
+            entry["group"] = group
+        shards.append(entry)
+
     for table in tables:
         if schema is None:
             schema = table.schema
         elif not table.schema.equals(schema):
             raise ValueError(f"table schema changed from {schema} to {table.schema}")
+        if group_by is not None and table.num_rows:
+            value = _group_value(table, group_by)
+            if value != group and n_pending:
+                flush(pa.concat_tables(pending))
+                pending, n_pending = [], 0
+            group = value
         pending.append(table)
         n_pending += table.num_rows
         while n_pending >= rows_per_shard:
             merged = pa.concat_tables(pending)
-            shards.append(_write_part(merged.slice(0, rows_per_shard), folder, len(shards)))
+            flush(merged.slice(0, rows_per_shard))
             rest = merged.slice(rows_per_shard)
             pending, n_pending = [rest], rest.num_rows
     if n_pending:
-        shards.append(_write_part(pa.concat_tables(pending), folder, len(shards)))
+        flush(pa.concat_tables(pending))
     return shards, schema
+
+
+def _group_value(table: pa.Table, column: str) -> Any:
+    """The single value of ``column`` in ``table``."""
+    if column not in table.column_names:
+        raise ValueError(f"group_by column {column!r} not in {table.column_names}")
+    values = pc.unique(table.column(column)).to_pylist()
+    if len(values) != 1:
+        raise ValueError(f"expected one {column!r} value per table, got {values[:5]}")
+    return values[0]
 
 
 def _write_part(table: pa.Table, folder: Path, index: int) -> dict[str, Any]:

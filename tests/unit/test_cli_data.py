@@ -28,4 +28,55 @@ def test_sample_convert_inspect_json(tmp_path: Path, capsys) -> None:
 
 def test_methods_lists_skill(capsys) -> None:
     assert main(["methods"]) == 0
-    assert capsys.readouterr().out.startswith("skill")
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "skill" in names and "convnext" in names
+
+
+def test_images_sample_convert_inspect(tmp_path: Path, capsys) -> None:
+    raw, dst = str(tmp_path / "raw"), str(tmp_path / "shards")
+    assert main(["data", "sample", "images", raw, "--classes", "3", "--train-per-class", "5",
+                 "--test-per-class", "2", "--size", "16"]) == 0
+    assert main(["data", "convert", "imagefolder", raw, dst, "--splits", "train,test"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert summary["splits"] == {"train": 15, "test": 6} and summary["skipped"] == []
+    assert main(["data", "inspect", dst, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"format", "rows", "counts", "class_names", "split_shards", "skipped"} <= set(info)
+    assert info["format"] == "imagefolder" and info["rows"] == 21
+    assert info["counts"] == {"train": {"disk": 5, "ring": 5, "triangle": 5},
+                              "test": {"disk": 2, "ring": 2, "triangle": 2}}
+    assert info["class_names"] == ["disk", "ring", "triangle"]
+    assert info["split_shards"] == {"train": 1, "test": 1}
+    assert main(["data", "inspect", dst]) == 0
+    text = capsys.readouterr().out
+    assert "classes: 3 (disk, ring, triangle)" in text and "15 rows in 1 shard(s)" in text
+
+
+def _one_error_line(capsys, pattern: str) -> None:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raylab: error: "), captured.err
+    assert pattern in lines[0], lines[0]
+
+
+def test_imagefolder_cli_errors(tmp_path: Path, capsys) -> None:
+    raw, dst = tmp_path / "raw", str(tmp_path / "shards")
+    assert main(["data", "convert", "imagefolder", str(tmp_path / "nope"), dst]) == 2
+    _one_error_line(capsys, "source folder not found")
+    assert main(["data", "sample", "images", str(raw), "--classes", "2",
+                 "--train-per-class", "2", "--test-per-class", "1", "--size", "8"]) == 0
+    capsys.readouterr()
+    assert main(["data", "convert", "imagefolder", str(raw), dst, "--splits", "val"]) == 2
+    _one_error_line(capsys, "split(s) val not found; present: test, train")
+    assert main(["data", "convert", "imagefolder", str(raw), dst, "--tasks", "Suturing"]) == 2
+    _one_error_line(capsys, "--tasks: only for jigsaws")
+    assert main(["data", "sample", "jigsaws", str(tmp_path / "j"), "--size", "8"]) == 2
+    _one_error_line(capsys, "--size: only for images")
+    (raw / "train" / "disk" / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (raw / "train" / "disk" / "notes.txt").write_text("x")
+    assert main(["data", "convert", "imagefolder", str(raw), dst]) == 2
+    _one_error_line(capsys, "2 bad image file(s)")
+    assert not (tmp_path / "shards").exists()
+    assert main(["data", "convert", "imagefolder", str(raw), dst, "--skip-bad"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 5 and len(summary["skipped"]) == 2

@@ -1,0 +1,126 @@
+"""One optimisation step of supervised image classification, in plain torch.
+
+The Ray Train loop (:mod:`raylab.methods.image_loop`) calls this once per micro-batch;
+benchmarks call it directly on a GPU without Ray. It owns what the ConvNeXt recipe adds
+to a bare step: Mixup/CutMix on the batch, AMP (bf16, or fp16 with a grad scaler),
+channels_last, gradient accumulation (DDP gradients are synchronised only on the last
+micro-batch), optional gradient clipping, the per-iteration lr schedule and the EMA update.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raylab.runtime.precision import autocast
+from raylab.runtime.schedules import set_lr
+
+
+class ClassificationStep:
+    """Callable per micro-batch: ``step(x, y) -> (loss, stepped)``.
+
+    Args:
+        model: The (possibly DDP-wrapped or compiled) model.
+        optimizer: Its optimizer; groups may carry ``lr_scale``.
+        criterion: Loss taking (logits, targets); soft targets when ``mixup`` is set.
+        device: Where the batch goes.
+        lr_schedule: Learning rate per optimizer step (clamped at its last value).
+        mixup: A ``timm.data.Mixup`` or None.
+        precision: "fp32", "bf16" or "fp16" (fp16 uses a GradScaler).
+        channels_last: Feed NHWC-strided inputs (the model should be converted too).
+        grad_accum: Micro-batches per optimizer step.
+        clip_grad: Max global gradient norm, or None.
+        ema: An object with ``update(model, step)`` (e.g. :class:`raylab.optim.ModelEma`).
+        step: Optimizer steps already taken (when resuming).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 criterion: nn.Module, device: torch.device, lr_schedule: np.ndarray,
+                 mixup: Any = None, precision: str = "fp32", channels_last: bool = False,
+                 grad_accum: int = 1, clip_grad: float | None = None, ema: Any = None,
+                 step: int = 0) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.device = device
+        self.lr_schedule = np.asarray(lr_schedule, dtype=np.float64)
+        self.mixup = mixup
+        self.precision = precision
+        self.channels_last = channels_last
+        self.grad_accum = grad_accum
+        self.clip_grad = clip_grad
+        self.ema = ema
+        self.step = step
+        self.micro = 0
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def lr_at(self, step: int) -> float:
+        return float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        from raylab.transforms.images import apply_mixup
+
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target: torch.Tensor = y
+        if self.mixup is not None:
+            x, target = apply_mixup(self.mixup, x, y)
+        self.micro += 1
+        last = self.micro % self.grad_accum == 0
+        sync = nullcontext() if last or not hasattr(self.model, "no_sync") else \
+            self.model.no_sync()
+        with sync:
+            with autocast(self.device, self.precision):
+                logits = self.model(x)
+            loss = self.criterion(logits.float(), target)
+            self.scaler.scale(loss / self.grad_accum).backward()
+        if last:
+            self.optimizer_step()
+        return loss.detach(), last
+
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients (also used to flush a partial accumulation)."""
+        set_lr(self.optimizer, self.lr_at(self.step))
+        if self.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.micro = 0
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+
+    def pending(self) -> bool:
+        """Micro-batches whose gradients have not been applied yet."""
+        return self.micro % self.grad_accum != 0
+
+
+@torch.no_grad()
+def evaluate_counts(model: nn.Module, batches: Any, device: torch.device, precision: str,
+                    channels_last: bool = False) -> torch.Tensor:
+    """``[loss_sum, top1_correct, top5_correct, count]`` (float64, this worker only)."""
+    import torch.nn.functional as F
+
+    from raylab.losses.classification import topk_correct
+
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)
+    for batch in batches:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x).float()
+        correct = topk_correct(logits, y, ks=(1, 5))
+        totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
+                                correct[1], correct[5], y.numel()], dtype=torch.float64)
+    return totals
