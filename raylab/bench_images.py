@@ -79,6 +79,7 @@ def bench_ingest_images(shards: str, epochs: int, tmp: Path, processes: int = 2,
     from raylab.data.imagefolder import split_paths
     from raylab.methods.convnext import _transform_kwargs, image_dataset
     from raylab.runtime.cluster import ensure_ray
+    from raylab.transforms.images import DeviceNormalize
 
     cfg = _config(shards, input_size=input_size)
     paths = split_paths(shards, cfg.train_split)
@@ -87,10 +88,14 @@ def bench_ingest_images(shards: str, epochs: int, tmp: Path, processes: int = 2,
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         cpu=processes)
     ds = image_dataset(paths, cfg, training=True)
+    # The consumer finishes what the uint8 loader leaves to the worker (normalise, random
+    # erasing), so both sides deliver the same normalised, erased float batches.
+    prepare = DeviceNormalize(cfg.aug.re_prob)
     ray_rates, dl_rates, n = [], [], 0
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
         for b in ds.iter_torch_batches(batch_size=batch):
+            prepare(b["image"])
             n += len(b["label"])
         ray_rates.append(n / (time.perf_counter() - t0))
     loader = torch.utils.data.DataLoader(
@@ -104,6 +109,7 @@ def bench_ingest_images(shards: str, epochs: int, tmp: Path, processes: int = 2,
     ray_rate, dl_rate = statistics.median(ray_rates[1:]), statistics.median(dl_rates[1:])
     return {"bench": "ingest-images", "images_per_epoch": n, "epochs": epochs,
             "input_size": input_size, "processes": processes,
+            "loader_dtype": cfg.loader_dtype, "materialized": cfg.materialize_mb > 0,
             "ray_data_images_per_s": round(ray_rate, 1),
             "dataloader_images_per_s": round(dl_rate, 1), "ratio": round(ray_rate / dl_rate, 3)}
 

@@ -45,7 +45,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from raylab.runtime import worker as W
     from raylab.runtime.batch_cache import BatchCache
     from raylab.runtime.schedules import cosine_schedule
-    from raylab.transforms.images import build_mixup
+    from raylab.transforms.images import DeviceNormalize, build_mixup
 
     cfg = from_dict(ConvNeXtConfig, loop_config["config"])
     num_classes: int = loop_config["num_classes"]
@@ -74,7 +74,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         criterion=train_criterion(mixup is not None, a.smoothing), device=info.device,
         lr_schedule=schedule, mixup=mixup, precision=cfg.precision,
         channels_last=cfg.channels_last, grad_accum=cfg.grad_accum, clip_grad=o.clip_grad,
-        ema=ema)
+        ema=ema, prepare=DeviceNormalize(a.re_prob, info.device))
     start_epoch, step_fn.step, _ = W.restore_latest(
         model=model, optimizer=optimizer, scaler=step_fn.scaler,
         ema=ema.module if ema is not None else None)
@@ -130,9 +130,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def _evaluate(model: nn.Module, cache: Any, shard: Any, split: str, cfg: Any,
               device: torch.device, W: Any, top1_name: str) -> dict[str, float]:
     from raylab.methods.image_step import evaluate_counts
+    from raylab.transforms.images import DeviceNormalize
 
     batches = cache.epoch(lambda: shard.iter_torch_batches(batch_size=256), 256)
-    totals = evaluate_counts(model, batches, device, cfg.precision, cfg.channels_last)
+    totals = evaluate_counts(model, batches, device, cfg.precision, cfg.channels_last,
+                             prepare=DeviceNormalize())  # uint8 in, float out
     totals = W.all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)
     out = {f"{split}_{top1_name}": totals[1].item() / count}

@@ -36,13 +36,15 @@ class ClassificationStep:
         clip_grad: Max global gradient norm, or None.
         ema: An object with ``update(model, step)`` (e.g. :class:`raylab.optim.ModelEma`).
         step: Optimizer steps already taken (when resuming).
+        prepare: Applied to the batch on the device before Mixup, e.g.
+            :class:`raylab.transforms.images.DeviceNormalize` for uint8 loaders.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  criterion: nn.Module, device: torch.device, lr_schedule: np.ndarray,
                  mixup: Any = None, precision: str = "fp32", channels_last: bool = False,
                  grad_accum: int = 1, clip_grad: float | None = None, ema: Any = None,
-                 step: int = 0) -> None:
+                 step: int = 0, prepare: Any = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.criterion = criterion
@@ -55,6 +57,7 @@ class ClassificationStep:
         self.clip_grad = clip_grad
         self.ema = ema
         self.step = step
+        self.prepare = prepare
         self.micro = 0
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -66,6 +69,8 @@ class ClassificationStep:
 
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if self.prepare is not None:
+            x = self.prepare(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         target: torch.Tensor = y
@@ -105,7 +110,7 @@ class ClassificationStep:
 
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, batches: Any, device: torch.device, precision: str,
-                    channels_last: bool = False) -> torch.Tensor:
+                    channels_last: bool = False, prepare: Any = None) -> torch.Tensor:
     """``[loss_sum, top1_correct, top5_correct, count]`` (float64, this worker only)."""
     import torch.nn.functional as F
 
@@ -116,6 +121,8 @@ def evaluate_counts(model: nn.Module, batches: Any, device: torch.device, precis
     for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
+        if prepare is not None:
+            x = prepare(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):

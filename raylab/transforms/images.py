@@ -300,6 +300,35 @@ def normalize_on_device(
     return x_uint8.to(dtype).sub_(m).div_(s)
 
 
+class DeviceNormalize:
+    """The worker-side half of the uint8 loader (as timm's own prefetcher does it).
+
+    Ray Data tasks ship augmented uint8 pixels (4x fewer bytes through the object store
+    and the host-to-device copy); on the worker this normalises them and, for training,
+    applies random erasing on the device. Float batches pass through unchanged, so the
+    same loop serves both loader dtypes.
+
+    Args:
+        re_prob: Random-erasing probability (0 for evaluation).
+        device: Where batches live when this is called.
+    """
+
+    def __init__(self, re_prob: float = 0.0, device: str | torch.device = "cpu",
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        from timm.data.random_erasing import RandomErasing
+
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.erase = (RandomErasing(re_prob, mode="pixel", max_count=1, device=str(device))
+                      if re_prob > 0 else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        x = normalize_on_device(x, self.mean, self.std)
+        return self.erase(x) if self.erase is not None else x
+
+
 def build_mixup(
     mixup_alpha: float = 0.8,
     cutmix_alpha: float = 1.0,

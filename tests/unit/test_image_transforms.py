@@ -302,3 +302,17 @@ def test_randaugment_posterize_to_zero_bits_does_not_raise() -> None:
     assert op(img, 0).getpixel((0, 0)) == (0, 0, 0)
     assert op(img, 8) is img
     assert op(img, 1).getpixel((0, 0)) == (128, 0, 0)  # keep the top bit only
+
+
+def test_device_normalize_matches_cpu_path_and_erases() -> None:
+    from raylab.transforms.images import DeviceNormalize, normalize_on_device
+
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    plain = DeviceNormalize()
+    assert torch.allclose(plain(x), normalize_on_device(x))
+    f = torch.randn(2, 3, 8, 8)
+    assert plain(f) is f  # float batches (float32 loader) pass through
+    torch.manual_seed(0)
+    erased = DeviceNormalize(re_prob=1.0)(x.clone())
+    changed = (erased != normalize_on_device(x)).flatten(1).any(1)
+    assert changed.all()  # every image got one erased box
