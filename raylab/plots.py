@@ -262,3 +262,57 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     if len(curves) <= 20:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save_atomic(fig, path)
+
+
+def plot_attention_maps(image: np.ndarray, maps: np.ndarray, path: str | os.PathLike,
+                        title: str | None = None) -> Path:
+    """An image and one overlay per attention head (e.g. DINO's CLS attention maps).
+
+    Each map is min-max scaled to [0, 1] on its own and stretched over the whole image
+    with nearest-neighbour upsampling (one block per patch), drawn half-transparent over
+    the image.
+
+    Args:
+        image: ``[H, W, 3]`` uint8 RGB image (un-normalised).
+        maps: ``[heads, h, w]`` attention per patch, e.g. one image of
+            :func:`raylab.models.dino.cls_attention_maps`.
+        path: Output image file.
+        title: Figure title.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: ``image`` is not ``[H, W, 3]`` uint8 or ``maps`` is not a non-empty
+            ``[heads, h, w]`` array.
+    """
+    img = np.asarray(image)
+    att = np.asarray(maps, dtype=np.float64)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise DataError(f"image must be [H, W, 3] uint8, got shape {img.shape} {img.dtype}")
+    if att.ndim != 3 or 0 in att.shape:
+        raise DataError(f"attention maps must be [heads, h, w], got shape {att.shape}")
+    heads = att.shape[0]
+    panels = heads + 1
+    ncols = min(panels, 5)
+    nrows = math.ceil(panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.4 * nrows + 0.4),
+                             squeeze=False)
+    height, width = img.shape[:2]
+    extent = (0, width, height, 0)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(img, extent=extent)
+    axes.flat[0].set_title("image", fontsize=9)
+    low = att.min(axis=(1, 2), keepdims=True)
+    span = att.max(axis=(1, 2), keepdims=True) - low
+    scaled = np.divide(att - low, span, out=np.zeros_like(att), where=span > 0)
+    for head in range(heads):
+        ax = axes.flat[head + 1]
+        ax.imshow(img, extent=extent)
+        ax.imshow(scaled[head], cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0,
+                  interpolation="nearest", extent=extent)
+        ax.set_title(f"head {head}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _save_atomic(fig, path)

@@ -1,9 +1,12 @@
 """Pure-torch losses and loss helpers (no Ray import).
 
 ``classification``: the training criterion for the ConvNeXt recipe (timm's soft-target and
-label-smoothing cross-entropies) and top-k correct counts.
+label-smoothing cross-entropies) and top-k correct counts. ``dino``: DINO's multi-crop
+self-distillation loss, teacher centering and teacher-temperature schedule.
 """
 
 from raylab.losses.classification import topk_correct, train_criterion
+from raylab.losses.dino import dino_loss, teacher_temperature_schedule, update_center
 
-__all__ = ["topk_correct", "train_criterion"]
+__all__ = ["dino_loss", "teacher_temperature_schedule", "topk_correct", "train_criterion",
+           "update_center"]

@@ -2,4 +2,20 @@
 
 ``classification``: accuracy, per-class precision/recall/F1, confusion matrices and
 per-trial majority votes. Counts are plain int64 arrays so that workers can sum them.
+``knn``: DINO's weighted k-NN classifier and a linear probe on frozen features (torch;
+loaded on first use, so that importing the numpy-only metrics stays free of torch).
 """
+
+from typing import Any
+
+_KNN = ("knn_accuracy", "knn_classify", "linear_probe")
+
+__all__ = list(_KNN)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _KNN:
+        from raylab.metrics import knn
+
+        return getattr(knn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,9 +6,20 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from raylab.models.dino import (
+    DINOHead,
+    MultiCropWrapper,
+    build_backbone,
+    cancel_last_layer_grad,
+    clip_gradients,
+    cls_attention_maps,
+    last_self_attention,
+)
 from raylab.models.skillnet import SkillNet
 
-__all__ = ["SkillNet", "count_macs", "count_params"]
+__all__ = ["DINOHead", "MultiCropWrapper", "SkillNet", "build_backbone",
+           "cancel_last_layer_grad", "clip_gradients", "cls_attention_maps", "count_macs",
+           "count_params", "last_self_attention"]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
