@@ -12,7 +12,7 @@ _METHODS: dict[str, Any] = {}
 
 # Modules imported on first lookup, so that `raylab methods` lists everything without the
 # CLI having to import each method eagerly at start-up.
-_BUILTIN_MODULES = ("raylab.methods.skill", "raylab.methods.convnext")
+_BUILTIN_MODULES = ("raylab.methods.skill", "raylab.methods.convnext", "raylab.methods.dino")
 
 T = TypeVar("T")
 

@@ -74,8 +74,13 @@ def save_checkpoint(
     epoch: int = 0,
     step: int = 0,
     meta: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete training state to ``directory`` (created if needed)."""
+    """Write a complete training state to ``directory`` (created if needed).
+
+    ``extra`` holds further method state made of tensors and plain values (DINO's center
+    and schedules, ...); it comes back as ``state["extra"]``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {
@@ -92,6 +97,8 @@ def save_checkpoint(
         state["scaler"] = scaler.state_dict()
     if ema is not None:
         state["ema"] = _unwrap(ema).state_dict()
+    if extra:
+        state["extra"] = extra
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=directory)
     os.close(fd)
     try:

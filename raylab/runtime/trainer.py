@@ -36,11 +36,15 @@ def fit(
     name: str,
     callbacks: list[Any] | None = None,
     keep_checkpoints: int = 2,
+    datasets_to_split: list[str] | None = None,
 ) -> ray.train.Result:
     """Run ``train_loop`` data-parallel and return its Result.
 
     Running again with the same ``storage``/``name`` resumes from the latest checkpoint
     (Train V2's restore); callers choose unique names for fresh runs.
+
+    ``datasets_to_split`` names the datasets sharded across workers (default: all);
+    the others reach every worker whole (e.g. k-NN feature banks that rank 0 evaluates).
     """
     all_callbacks = list(callbacks or [])
     folder = local_path(storage, name)
@@ -51,6 +55,8 @@ def fit(
         train_loop_config=loop_config,
         scaling_config=scaling_config(options),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split="all" if datasets_to_split is None else datasets_to_split),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,

@@ -1,0 +1,131 @@
+"""Image data shared by the image methods: shard lookup, hold-out, decoding in Ray Data.
+
+Driver side only (Ray Data); the per-row transforms themselves are pure torch in
+:mod:`raylab.transforms.images` and :mod:`raylab.transforms.multicrop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from raylab.errors import ConfigError, DataError
+
+
+@dataclass
+class ImageData:
+    """What the driver knows about the shard folder before Ray starts."""
+
+    class_names: list[str]
+    train_paths: list[str]
+    eval_paths: list[str]
+    train_rows: int
+    eval_rows: int
+
+
+def load_image_data(cfg: Any) -> ImageData:
+    """Class names, shard paths and row counts of ``cfg.train_split``/``cfg.eval_split``."""
+    from raylab.data import imagefolder
+    from raylab.data.shards import read_manifest
+
+    if not cfg.data:
+        raise ConfigError("config key 'data': expected the image shard folder (--data DST)")
+    manifest = read_manifest(cfg.data, expected_format="imagefolder")
+    counts = manifest.get("extra", {}).get("counts", {})
+    rows = {split: sum(c.values()) for split, c in counts.items()}
+    if cfg.train_split == cfg.eval_split:
+        raise ConfigError(f"config keys 'train_split' and 'eval_split' are both "
+                          f"{cfg.train_split!r}; evaluate on a different split")
+    train_rows = rows.get(cfg.train_split, 0)
+    if cfg.max_train_rows:
+        train_rows = min(train_rows, cfg.max_train_rows)
+    data = ImageData(
+        class_names=imagefolder.class_names(cfg.data),
+        train_paths=imagefolder.split_paths(cfg.data, cfg.train_split),
+        eval_paths=imagefolder.split_paths(cfg.data, cfg.eval_split),
+        train_rows=train_rows,
+        eval_rows=rows.get(cfg.eval_split, 0),
+    )
+    if data.train_rows < cfg.optim.batch_size:
+        raise DataError(f"split {cfg.train_split!r} has {data.train_rows} rows, fewer than "
+                        f"optim.batch_size={cfg.optim.batch_size}", path=cfg.data)
+    return data
+
+
+def _in_val(paths: Any, fraction: float) -> Any:
+    """Deterministic hold-out by a stable hash of the path (same on every node)."""
+    import zlib
+
+    import numpy as np
+
+    return np.array([(zlib.crc32(str(p).encode()) % 10_000) < fraction * 10_000 for p in paths],
+                    dtype=bool)
+
+
+class HoldOut:
+    """Ray Data batch filter: keep (or drop) the validation share of a split."""
+
+    def __init__(self, fraction: float, keep_val: bool) -> None:
+        self.fraction = fraction
+        self.keep_val = keep_val
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        mask = _in_val(batch["path"], self.fraction)
+        if not self.keep_val:
+            mask = ~mask
+        return {k: v[mask] for k, v in batch.items()}
+
+
+def _total_mib(paths: list[str]) -> float | None:
+    """Size of local shard files in MiB; None for remote storage (never materialised)."""
+    import os
+
+    if any("://" in p for p in paths):
+        return None
+    return sum(os.path.getsize(p) for p in paths) / (1 << 20)
+
+
+def encoded_images(paths: list[str], cfg: Any, training: bool) -> Any:
+    """The encoded rows, streamed from Parquet or held in the object store when small."""
+    import ray.data
+
+    from raylab.runtime.cluster import cluster_resources
+
+    size = _total_mib(paths)
+    if cfg.materialize_mb and size is not None and size <= cfg.materialize_mb:
+        # Enough blocks that every CPU gets decoding work (small shard files would be
+        # read as one block and decoded by one task).
+        blocks = max(len(paths), 2 * int(cluster_resources().get("CPU", 1)))
+        ds = ray.data.read_parquet(paths).select_columns(["image", "label", "path"])
+        ds = ds.repartition(blocks).materialize()
+        return ds.randomize_block_order() if training else ds
+    ds = ray.data.read_parquet(paths, shuffle="files" if training else None)
+    return ds.select_columns(["image", "label", "path"])
+
+
+_TRANSFORMS: dict[str, Any] = {}
+
+
+#: Batch transforms by name: Ray Data tasks receive the name (plain data) and build the
+#: transform in the worker process.
+TRANSFORM_KINDS = {
+    "classify": "raylab.transforms.images:ImageBatchTransform",
+    "multicrop": "raylab.transforms.multicrop:MultiCropBatch",
+}
+
+
+def transform_batch(batch: dict[str, Any], kind: str = "classify", **kwargs: Any
+                    ) -> dict[str, Any]:
+    """Ray Data task: decode + transform one batch.
+
+    A plain function (not a callable class) so Ray Data runs it as tasks, which spread
+    over every CPU node and need no actor pool; the timm transform is built once per
+    worker process and cached.
+    """
+    import importlib
+
+    key = repr((kind, sorted(kwargs.items())))
+    if key not in _TRANSFORMS:
+        module, name = TRANSFORM_KINDS[kind].split(":")
+        _TRANSFORMS[key] = getattr(importlib.import_module(module), name)(**kwargs)
+    return _TRANSFORMS[key](batch)
