@@ -7,6 +7,9 @@
 - ``convnext-cifar``: top-1 of ``convnext_atto`` trained from scratch for a fixed number of
   epochs with the recipe scaled to the budget, next to a plain ResNet-18 under the same
   epochs, recipe and data (the CIFAR-10 subset when present).
+- ``dino-cifar``: k-NN top-1 of a small ViT trained with DINO, next to the same network
+  at random init and trained supervised for the same epochs.
+- ``dino-scaling``: DINO images/s with 1 vs 2 Train workers.
 """
 
 from __future__ import annotations
@@ -142,3 +145,135 @@ def bench_convnext_cifar(shards: str, epochs: int, tmp: Path, input_size: int = 
 
 
 BENCHES = {"ingest-images": bench_ingest_images, "convnext-cifar": bench_convnext_cifar}
+
+
+#: DINO on 32 px CIFAR within a CPU budget: ViT-Tiny width, 6 blocks, 8 px patches
+#: (4x4 tokens; 2x2 on the 16 px local crops), a smaller head, a faster teacher
+#: (momentum 0.99) and a short warm-up, as short DINO runs need.
+DINO_BUDGET = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 6,
+               "n_local_crops": 6, "out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 128,
+               "momentum_teacher": 0.99, "warmup_teacher_temp_epochs": 2,
+               "optim.batch_size": 128, "optim.lr": 1e-3, "optim.warmup_epochs": 2,
+               "drop_path": 0.0, "linear_probe_epochs": 100}
+
+
+def _decoded(shards: str, split: str) -> tuple[list[Any], torch.Tensor]:
+    from raylab.data.shards import iter_rows
+    from raylab.transforms.images import decode_image
+
+    images, labels = [], []
+    for row in iter_rows(shards, columns=["image", "label", "split", "path"]):
+        if row["split"] == split:
+            images.append(decode_image(row["image"], row["path"]))
+            labels.append(int(row["label"]))
+    return images, torch.tensor(labels)
+
+
+@torch.no_grad()
+def _features(backbone: torch.nn.Module, images: list[Any], size: int) -> torch.Tensor:
+    from raylab.transforms.images import build_transform
+
+    t = build_transform(False, size)
+    backbone.eval()
+    x = torch.stack([t(img) for img in images])
+    return torch.cat([backbone(x[i:i + 256]) for i in range(0, len(x), 256)])
+
+
+def _knn(backbone: torch.nn.Module, data: dict[str, Any], size: int, classes: int) -> float:
+    from raylab.metrics.knn import knn_classify
+
+    bank = _features(backbone, data["train"][0], size)
+    query = _features(backbone, data["test"][0], size)
+    pred = knn_classify(bank, data["train"][1], query, k=20, T=0.07, num_classes=classes)
+    return float((pred == data["test"][1]).float().mean())
+
+
+def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> dict[str, float]:
+    """The same backbone + a linear head, cross-entropy, same epochs/batch, in plain torch."""
+    from raylab.methods.dino import backbone_kwargs
+    from raylab.models.dino import build_backbone
+    from raylab.transforms.images import build_transform
+
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size, **backbone_kwargs(cfg))
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    augment = build_transform(True, cfg.img_size, auto_augment=None, re_prob=0.0,
+                              scale=(0.4, 1.0))
+    images, labels = data["train"]
+    batch = cfg.optim.batch_size
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(labels))
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            x = torch.stack([augment(images[j]) for j in idx.tolist()])
+            loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        query = _features(backbone, data["test"][0], cfg.img_size)
+        top1 = float((model[1](query).argmax(1) == data["test"][1]).float().mean())
+    return {"knn_top1": round(_knn(backbone, data, cfg.img_size, classes), 4),
+            "top1": round(top1, 4), "wall_s": round(seconds, 1)}
+
+
+def bench_dino_cifar(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+    """k-NN top-1 of DINO vs the same network at random init vs supervised, same budget."""
+    from raylab.data.imagefolder import class_names
+    from raylab.methods.dino import DINOConfig, DINOMethod, backbone_kwargs
+    from raylab.models.dino import build_backbone
+    from raylab.runtime.cluster import ensure_ray
+    from raylab.runtime.options import RunOptions
+
+    cfg = cfglib.apply_overrides(DINOConfig(), {"data": shards, "optim.epochs": epochs,
+                                                "eval_every": epochs, **DINO_BUDGET})
+    classes = len(class_names(shards))
+    data = {split: _decoded(shards, split) for split in ("train", "test")}
+    torch.manual_seed(cfg.seed)
+    random_init = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size, **backbone_kwargs(cfg))
+    out: dict[str, Any] = {"bench": "dino-cifar", "epochs": epochs, "budget": DINO_BUDGET,
+                           "train_images": len(data["train"][1]),
+                           "test_images": len(data["test"][1]),
+                           "random_init": {"knn_top1": round(_knn(random_init, data,
+                                                                  cfg.img_size, classes), 4)}}
+    ensure_ray()
+    t0 = time.perf_counter()
+    summary = DINOMethod().train(cfg, RunOptions(workers=1), str(tmp / "runs"), "dino")
+    out["dino"] = {"knn_top1": round(summary["knn_top1"], 4),
+                   "linear_top1": round(summary["linear_top1"], 4),
+                   "img_per_s": round(summary["img_per_s"], 1),
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+    out["supervised"] = _supervised(cfg, data, classes, epochs)
+    return out
+
+
+def bench_dino_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+    """DINO images/s and step time with 1 vs 2 Train workers (same global batch)."""
+    import json
+
+    from raylab.methods.dino import DINOConfig, DINOMethod
+    from raylab.runtime.cluster import ensure_ray
+    from raylab.runtime.options import RunOptions
+
+    ensure_ray()
+    out: dict[str, Any] = {"bench": "dino-scaling", "epochs": epochs}
+    for workers in (1, 2):
+        cfg = cfglib.apply_overrides(DINOConfig(), {
+            "data": shards, **DINO_BUDGET, "optim.epochs": epochs, "eval_every": 1000,
+            "linear_probe_epochs": 0, "max_train_rows": 1280, "checkpoint_every": 1000})
+        name = f"w{workers}"
+        DINOMethod().train(cfg, RunOptions(workers=workers), str(tmp / "runs"), name)
+        rows = [json.loads(x) for x in (tmp / "runs" / name / "run" / "metrics.jsonl").open()]
+        rate = statistics.median(r["img_per_s"] for r in rows[1:] or rows)
+        out[f"{workers}_worker"] = {"img_per_s": round(rate, 1),
+                                    "step_s": round(cfg.optim.batch_size / rate, 3)}
+    out["speedup"] = round(out["2_worker"]["img_per_s"] / out["1_worker"]["img_per_s"], 3)
+    return out
+
+
+BENCHES.update({"dino-cifar": bench_dino_cifar, "dino-scaling": bench_dino_scaling})

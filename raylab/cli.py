@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (figures for BENCHMARKS.md)")
     bench.add_argument("name", choices=["train-overhead", "ingest", "latency", "scaling",
-                                        "ingest-images", "convnext-cifar"])
+                                        "ingest-images", "convnext-cifar", "dino-cifar",
+                                        "dino-scaling"])
     bench.add_argument("--data", default=None,
                        help="JIGSAWS shards, or for image benches an image shard folder or "
                             "ImageFolder (default: a fresh sample, or the CIFAR-10 subset)")

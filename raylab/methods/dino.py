@@ -84,6 +84,8 @@ class DINOConfig:
     img_size: int = 224
     #: Overrides the ViT's patch size (e.g. 4 for 32 px images).
     patch_size: int | None = None
+    #: Overrides the ViT's depth (blocks), e.g. 6 for a CPU budget; null keeps the name's.
+    depth: int | None = None
     drop_path: float = 0.1
     out_dim: int = 65536
     hidden_dim: int = 2048
@@ -118,6 +120,8 @@ class DINOConfig:
 
     def validate(self) -> None:
         cfglib.require(self.img_size >= 8, "img_size", "an integer >= 8", self.img_size)
+        cfglib.require(self.depth is None or self.depth >= 1, "depth", "null or >= 1",
+                       self.depth)
         cfglib.require(0 <= self.drop_path < 1, "drop_path", "in [0, 1)", self.drop_path)
         for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
             cfglib.require(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
@@ -151,13 +155,17 @@ class DINOConfig:
 # ----------------------------------------------------------------------------- models
 
 
+def backbone_kwargs(cfg: DINOConfig) -> dict[str, Any]:
+    return {} if cfg.depth is None else {"depth": cfg.depth}
+
+
 def build_student_teacher(cfg: DINOConfig) -> tuple[nn.Module, nn.Module]:
     """Student (drop-path) and an architecture-identical teacher, both random init."""
     from raylab.models.dino import DINOHead, MultiCropWrapper, build_backbone
 
     def make(drop_path: float) -> nn.Module:
         backbone = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size,
-                                  drop_path_rate=drop_path)
+                                  drop_path_rate=drop_path, **backbone_kwargs(cfg))
         head = DINOHead(backbone.num_features, cfg.out_dim, hidden_dim=cfg.hidden_dim,
                         bottleneck_dim=cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer)
         return MultiCropWrapper(backbone, head)
@@ -186,7 +194,7 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher") -> nn.Module:
     state = load_checkpoint(checkpoint)
     weights = state["ema" if which == "teacher" else "model"]
     prefix = "backbone."
-    backbone = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size)
+    backbone = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size, **backbone_kwargs(cfg))
     backbone.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
                               if k.startswith(prefix)})
     backbone.eval()

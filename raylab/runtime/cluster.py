@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 
 def quiet_ray_data() -> None:
@@ -47,7 +48,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
+        data_logging = os.environ.setdefault(
+            "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
         ray.init(
+            runtime_env={"env_vars": {"RAY_DATA_LOGGING_CONFIG": data_logging}},
             num_cpus=num_cpus or local_cpus(),
             # The dashboard process also serves the State API, which Train needs to
             # release a Tune-stopped trial's placement group (without it, later trials
