@@ -283,7 +283,8 @@ class ConvNeXtMethod(Method):
         "optim.lr": "log(1e-3, 8e-3)",
         "optim.weight_decay": "log(0.01, 0.1)",
         "drop_path": "(0.0, 0.3)",
-        "aug.mixup_prob": "(0.3, 1.0)",
+        "aug.mixup": "(0.0, 0.8)",
+        "aug.cutmix": "(0.0, 1.0)",
     }
 
     def check(self, cfg: ConvNeXtConfig) -> None:

@@ -313,6 +313,8 @@ class DINOMethod(Method):
 
     def tune_trial(self, cfg: DINOConfig, options: RunOptions, storage: str, run_name: str,
                    callbacks: list[Any]) -> None:
+        # ASHA compares trials every epoch, so every epoch must carry the metric.
+        cfg = cfglib.apply_overrides(cfg, {"eval_every": 1})
         fit_run(cfg, options, load_image_data(cfg), storage, run_name, validate=True,
                 callbacks=callbacks)
 

@@ -141,6 +141,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
         seconds = time.perf_counter() - t0
         totals = W.all_reduce_sum(totals)
+        # Every worker must hold the same center (it is updated from the all-reduced batch
+        # mean); the largest gap to the workers' mean center is reported as a check.
+        mean_center = W.all_reduce_sum(center.detach().double().cpu()) / info.world_size
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": totals[0].item() / max(totals[1].item(), 1.0),
@@ -148,6 +151,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "lr": float(lr_s[min(step, len(lr_s)) - 1]),
             "teacher_temp": float(temp_s[epoch]),
             "teacher_momentum": float(mom_s[min(step, len(mom_s)) - 1]),
+            "center_spread": float((center.detach().double().cpu() - mean_center).abs().max()),
         }
         if epoch == start_epoch and first_step is not None:
             metrics["first_step_unix_time"] = first_step

@@ -63,14 +63,20 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over workers (in place on a copy); identity with one worker.
+    """Sum ``tensor`` over workers into a new tensor on its own device; a copy with one.
 
-    The gloo backend cannot reduce on CUDA tensors of every dtype, so reduction happens
-    on the tensor's own device with the process group Ray Train set up.
+    Ray Train sets up NCCL on GPU workers and gloo on CPU ones. NCCL reduces only CUDA
+    tensors, so CPU tensors (metric counters) take a round trip through this worker's GPU
+    there; with gloo the tensor is reduced where it is.
     """
     out = tensor.clone()
-    if distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    if not distributed():
+        return out
+    if dist.get_backend() == "nccl" and out.device.type != "cuda":
+        on_gpu = out.to(ray.train.torch.get_device())
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return on_gpu.to(tensor.device)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 
 
