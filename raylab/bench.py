@@ -171,13 +171,14 @@ class _DataLoaderWindows(torch.utils.data.IterableDataset):
 def bench_ingest(shards: str, epochs: int, tmp: Path, processes: int = 2) -> dict[str, Any]:
     import torch
 
-    from raylab.methods.skill import channel_stats, window_dataset
+    from raylab.methods.skill import channel_stats, trial_rows, window_dataset
     from raylab.runtime.cluster import ensure_ray
 
     cfg, paths, train, _ = _setup(shards, epochs)
     ensure_ray()
-    stats = channel_stats(paths, {t.name for t in train})
-    ds = window_dataset(paths, train, cfg, stats, shuffle=True)
+    rows = trial_rows(paths, cfg)
+    stats = channel_stats(rows, {t.name for t in train})
+    ds = window_dataset(rows, train, cfg, stats)
     ray_rates, dl_rates = [], []
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0

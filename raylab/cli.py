@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="convert, inspect and sample datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     conv = dsub.add_parser("convert", help="raw dataset -> Parquet shards + manifest.json")
-    conv.add_argument("format", choices=["jigsaws", "imagefolder"])
+    conv.add_argument("format", choices=["jigsaws", "imagefolder", "clear"])
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (JIGSAWS)")
@@ -57,13 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: all)")
     conv.add_argument("--skip-bad", action="store_true",
                       help="skip and record files that are not decodable images "
-                           "(imagefolder; default: fail listing them)")
+                           "(imagefolder, clear; default: fail listing them)")
+    conv.add_argument("--classes", default=None, metavar="A,B",
+                      help="comma-separated class names to keep (clear; default: all)")
+    conv.add_argument("--buckets", default=None, metavar="SPEC",
+                      help="buckets to convert, e.g. 1-5 or 0,2,3 (clear; default: all)")
     conv.add_argument("--overwrite", action="store_true")
     insp = dsub.add_parser("inspect", help="what a shard folder holds")
     insp.add_argument("dst")
     insp.add_argument("--json", action="store_true", help="one JSON object on stdout")
     samp = dsub.add_parser("sample", help="write a small synthetic raw sample")
-    samp.add_argument("format", choices=["jigsaws", "images"])
+    samp.add_argument("format", choices=["jigsaws", "images", "clear"])
     samp.add_argument("dst")
     samp.add_argument("--seed", type=int, default=0)
     g = samp.add_argument_group("images (synthetic ImageFolder)")
@@ -71,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=None, help="default 60")
     g.add_argument("--test-per-class", type=int, default=None, help="default 20")
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default 32)")
+    g = samp.add_argument_group("clear (synthetic CLEAR-style stream with drift)")
+    g.add_argument("--from", dest="source", default=None, metavar="IMAGEFOLDER",
+                   help="ImageFolder to draw the images from (required), e.g. "
+                        "../shared/data/cifar10 or a `data sample images` folder")
+    g.add_argument("--per-class", type=int, default=None,
+                   help="average images per class and bucket (default 40)")
+    g.add_argument("--buckets", type=int, default=None,
+                   help="buckets including the unlabeled bucket 0 (default 11)")
 
     train = sub.add_parser("train", help="train and evaluate a method")
     _config_flags(train)
@@ -160,22 +172,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
 _IMAGE_SAMPLE_FLAGS = ("classes", "train_per_class", "test_per_class", "size")
 
 
-def _only_for(args: argparse.Namespace, fmt: str, flags: dict[str, bool]) -> None:
-    """Refuse flags given for another format than the one they belong to."""
+def _only_for(args: argparse.Namespace, fmt: str | tuple[str, ...],
+              flags: dict[str, bool]) -> None:
+    """Refuse flags given for another format than the one(s) they belong to."""
+    fmts = (fmt,) if isinstance(fmt, str) else fmt
     given = [name for name, is_set in flags.items() if is_set]
-    if args.format != fmt and given:
-        raise RaylabError(f"{', '.join(given)}: only for {fmt}, not {args.format}")
+    if args.format not in fmts and given:
+        raise RaylabError(f"{', '.join(given)}: only for {' or '.join(fmts)}, "
+                          f"not {args.format}")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from raylab.data import imagefolder, jigsaws
+    from raylab.data import clear, imagefolder, jigsaws
     from raylab.data.inspect import format_inspection, inspect_shards
 
     if args.data_command == "convert":
         _only_for(args, "jigsaws", {"--tasks": args.tasks is not None})
-        _only_for(args, "imagefolder", {"--splits": args.splits is not None,
-                                        "--skip-bad": args.skip_bad})
-        if args.format == "imagefolder":
+        _only_for(args, "imagefolder", {"--splits": args.splits is not None})
+        _only_for(args, ("imagefolder", "clear"), {"--skip-bad": args.skip_bad})
+        _only_for(args, "clear", {"--classes": args.classes is not None,
+                                  "--buckets": args.buckets is not None})
+        if args.format == "clear":
+            summary = clear.convert_clear(args.src, args.dst, classes=args.classes,
+                                          buckets=args.buckets, skip_bad=args.skip_bad,
+                                          overwrite=args.overwrite)
+        elif args.format == "imagefolder":
             splits = None if args.splits is None else args.splits.split(",")
             summary = imagefolder.convert_imagefolder(args.src, args.dst, splits=splits,
                                                       skip_bad=args.skip_bad,
@@ -191,13 +212,31 @@ def cmd_data(args: argparse.Namespace) -> int:
         given = {k: getattr(args, k) for k in _IMAGE_SAMPLE_FLAGS
                  if getattr(args, k) is not None}
         _only_for(args, "images", {"--" + k.replace("_", "-"): True for k in given})
-        if args.format == "images":
+        _only_for(args, "clear", {"--from": args.source is not None,
+                                  "--per-class": args.per_class is not None,
+                                  "--buckets": args.buckets is not None})
+        if args.format == "clear":
+            path = _clear_sample(args)
+            print(f"wrote a synthetic CLEAR-style stream (drift documented in README.txt) "
+                  f"to {path}")
+        elif args.format == "images":
             path = imagefolder.write_image_sample(args.dst, seed=args.seed, **given)
             print(f"wrote a synthetic ImageFolder image sample to {path}")
         else:
             path = jigsaws.write_sample(args.dst, seed=args.seed)
             print(f"wrote a synthetic JIGSAWS-format sample to {path}")
     return 0
+
+
+def _clear_sample(args: argparse.Namespace) -> Path:
+    from raylab.data.clear import write_clear_sample
+
+    if args.source is None:
+        raise RaylabError("sample clear: --from IMAGEFOLDER is required (the images to draw "
+                          "from, e.g. ../shared/data/cifar10)")
+    sizes = {"n_buckets": args.buckets, "per_class_per_bucket": args.per_class}
+    return write_clear_sample(args.source, args.dst, seed=args.seed,
+                              **{k: v for k, v in sizes.items() if v is not None})
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -316,3 +316,24 @@ def plot_attention_maps(image: np.ndarray, maps: np.ndarray, path: str | os.Path
     if title:
         fig.suptitle(title)
     return _save_atomic(fig, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (empty when the file does not exist)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metric_history(rows: Sequence[Mapping[str, Any]], series: Mapping[str, str],
+                        ylabel: str, path: str | os.PathLike) -> Path | None:
+    """Plot ``{label: metric key}`` against epoch from metrics rows; None if none present."""
+    curves = {}
+    for label, key in series.items():
+        points = [(r["epoch"], r[key]) for r in rows if key in r and "epoch" in r]
+        if points:
+            curves[label] = ([p[0] for p in points], [p[1] for p in points])
+    return plot_learning_curves(curves, ylabel, path) if curves else None

@@ -185,14 +185,14 @@ def _split_tables(plan: _Plan, split: str, rows_per_shard: int, seed: int,
             }, schema=SCHEMA)
 
 
-def _bad_files_error(plan: _Plan) -> DataError:
-    """One error naming how many files are bad and the first few with their reason."""
-    bad = sorted(plan.bad, key=lambda b: b["path"])
+def _bad_files_error(bad: list[dict[str, str]], src: Path) -> DataError:
+    """One error naming how many files below ``src`` are bad and the first few, with why."""
+    bad = sorted(bad, key=lambda b: b["path"])
     listed = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:MAX_LISTED])
     more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     return DataError(f"{len(bad)} bad image file(s), expected images that decode fully "
                      f"(skip_bad / --skip-bad skips and records them): {listed}{more}",
-                     path=plan.src)
+                     path=src)
 
 
 def convert_imagefolder(src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -236,7 +236,7 @@ def convert_imagefolder(src: str | os.PathLike, dst: str | os.PathLike, *,
                 raise DataError(f"none of the split's {len(plan.items[split])} image file(s) "
                                 "decodes; expected at least one valid image", path=src / split)
         if plan.bad and not skip_bad:
-            raise _bad_files_error(plan)
+            raise _bad_files_error(plan.bad, src)
 
     extra = _manifest_extra(plan, counts, seed)
     manifest = write_shards(tables(), dst, format=FORMAT, extra=extra,

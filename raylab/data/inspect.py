@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from raylab.data import imagefolder
+from raylab.data import clear, imagefolder
 from raylab.data.jigsaws import SKILL_LEVELS
 from raylab.data.shards import read_manifest
 
@@ -36,8 +36,15 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         {"bad_file": [{"path", "reason"}]}, and ``extra`` leaves out what these repeat.
 
     Raises:
+        For ``format="clear"`` (a converted stream): ``buckets`` (ids in time order),
+        ``bucket_rows`` ({bucket: rows}), ``counts`` ({bucket: {class name: n}}, ``{}`` for
+        an unlabeled bucket), ``class_names``, ``unlabeled_buckets``, ``bucket_shards``.
+
+    Raises:
         DataError: The folder or manifest is invalid.
     """
+    if clear.is_stream(dst):
+        return _inspect_clear(dst)
     manifest = read_manifest(dst)
     schema = manifest["schema"]
     columns = [c for c in _SMALL_COLUMNS if c in schema]
@@ -49,6 +56,11 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
     extra = manifest.get("extra") or {}
     if manifest["format"] == imagefolder.FORMAT:
         return _inspect_imagefolder(dst, manifest, values)
+    if manifest["format"] == clear.BUCKET_FORMAT and "class_names" in extra:
+        names = extra["class_names"]  # one bucket of a CLEAR stream: label -> class name
+        values["label"] = [names[k] if 0 <= k < len(names) else "unlabeled"
+                           for k in values["label"]]
+        values[_GROUP_COLUMN] = [f"bucket {extra.get('bucket')}"] * manifest["rows"]
     return {
         "format": manifest["format"],
         "rows": manifest["rows"],
@@ -89,6 +101,41 @@ def _inspect_imagefolder(dst: str | os.PathLike, manifest: dict[str, Any],
         "created": manifest.get("created"),
         "skipped": {"bad_file": list(extra.get("skipped", []))},
         "extra": shown,
+    }
+
+
+def _inspect_clear(dst: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a CLEAR stream: rows and counts per bucket and class name."""
+    manifest = clear.read_stream_manifest(dst)
+    names = manifest["class_names"]
+    counts: dict[str, dict[str, int]] = {}
+    shards: dict[str, int] = {}
+    for bucket in manifest["buckets"]:
+        paths = clear.bucket_paths(dst, bucket)
+        labels = [k for p in paths for k in pq.read_table(p, columns=["label"])
+                  .column("label").to_pylist()]
+        unlabeled = bucket in manifest["unlabeled_buckets"]
+        found = Counter(names[k] for k in labels if k != clear.UNLABELED)
+        counts[str(bucket)] = {} if unlabeled else {n: found[n] for n in names}
+        shards[str(bucket)] = len(paths)
+    shown = ("source", "seed", "selection")
+    return {
+        "format": manifest["format"],
+        "rows": manifest["rows"],
+        "frames": None,
+        "buckets": manifest["buckets"],
+        "bucket_rows": manifest["bucket_rows"],
+        "counts": counts,
+        "class_names": names,
+        "unlabeled_buckets": manifest["unlabeled_buckets"],
+        "bucket_shards": shards,
+        "subjects": {},
+        "schema": manifest.get("schema", {}),
+        "shards": sum(shards.values()),
+        "path": os.path.abspath(os.fspath(dst)),
+        "created": manifest.get("created"),
+        "skipped": {"bad_file": list(manifest.get("skipped", []))},
+        "extra": {k: manifest[k] for k in shown if k in manifest},
     }
 
 
@@ -137,7 +184,9 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(f"frames:  {info['frames']}")
     if info.get("class_names") is not None:
         lines.append(f"classes: {len(info['class_names'])} ({_listing(info['class_names'])})")
-    for group, counts in info.get("counts", {}).items():
+    is_stream = info["format"] == clear.FORMAT
+    lines += _clear_lines(info) if is_stream else []
+    for group, counts in ({} if is_stream else info.get("counts", {})).items():
         subjects = "".join(info.get("subjects", {}).get(group, []))
         tail = f"  subjects {subjects}" if subjects else ""
         n_shards = info.get("split_shards", {}).get(group)
@@ -154,6 +203,18 @@ def format_inspection(info: dict[str, Any]) -> str:
             lines.append(f"skipped {len(entries)} {text}: {named}")
     lines.append("schema:  " + ", ".join(f"{k}: {v}" for k, v in info["schema"].items()))
     return "\n".join(lines)
+
+
+def _clear_lines(info: dict[str, Any]) -> list[str]:
+    """One line per bucket of a CLEAR stream."""
+    lines = [f"buckets: {len(info['buckets'])} in time order"]
+    for bucket in info["buckets"]:
+        key = str(bucket)
+        counts = info["counts"][key]
+        what = _per_label(counts) if bucket not in info["unlabeled_buckets"] else "unlabeled"
+        lines.append(f"  bucket {bucket:<9} {info['bucket_rows'][key]:>5} rows in "
+                     f"{info['bucket_shards'][key]} shard(s) ({what})")
+    return lines
 
 
 def _per_label(counts: dict[str, int]) -> str:

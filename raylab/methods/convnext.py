@@ -365,22 +365,14 @@ def write_report(cfg: ConvNeXtConfig, summary: dict[str, Any], folder: Path | No
     """summary.json, config.yaml, learning curves and report.md in the experiment folder."""
     if folder is None:
         return
-    from raylab.plots import plot_learning_curves
+    from raylab.plots import plot_metric_history, read_metrics
 
     folder.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, folder / "config.yaml")
     cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
-    rows = []
-    metrics_file = folder / "run" / "metrics.jsonl"
-    if metrics_file.is_file():
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    curves = {}
-    for key in ("test_top1", "test_ema_top1"):
-        points = [(r["epoch"], r[key]) for r in rows if key in r]
-        if points:
-            curves[key] = ([p[0] for p in points], [p[1] for p in points])
-    if curves:
-        plot_learning_curves(curves, "top-1", folder / "top1.png")
+    rows = read_metrics(folder / "run" / "metrics.jsonl")
+    curves = plot_metric_history(rows, {"top-1": "test_top1", "EMA top-1": "test_ema_top1"},
+                                 "top-1", folder / "top1.png")
     ema = "" if summary["ema_top1"] is None else f" | EMA top-1 {summary['ema_top1']:.4f}"
     lines = [
         f"# ConvNeXt run: {cfg.model} at {cfg.input_size} px",

@@ -383,7 +383,7 @@ def write_report(cfg: DINOConfig, summary: dict[str, Any], folder: Path | None,
                  data: ImageData) -> None:
     if folder is None:
         return
-    from raylab.plots import plot_learning_curves
+    from raylab.plots import plot_metric_history, read_metrics
 
     folder.mkdir(parents=True, exist_ok=True)
     if summary["checkpoint"]:
@@ -391,18 +391,10 @@ def write_report(cfg: DINOConfig, summary: dict[str, Any], folder: Path | None,
         summary["attention"] = [str(p) for p in figures]
     cfglib.save_yaml(cfg, folder / "config.yaml")
     cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
-    rows = []
-    metrics_file = folder / "run" / "metrics.jsonl"
-    if metrics_file.is_file():
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    knn = [(r["epoch"], r["test_knn_top1"]) for r in rows if "test_knn_top1" in r]
-    loss = [(r["epoch"], r["train_loss"]) for r in rows if "train_loss" in r]
-    if knn:
-        plot_learning_curves({"k-NN top-1": ([e for e, _ in knn], [v for _, v in knn])},
-                             "k-NN top-1", folder / "knn_top1.png")
-    if loss:
-        plot_learning_curves({"DINO loss": ([e for e, _ in loss], [v for _, v in loss])},
-                             "train loss", folder / "loss.png")
+    rows = read_metrics(folder / "run" / "metrics.jsonl")
+    plot_metric_history(rows, {"k-NN top-1": "test_knn_top1"}, "k-NN top-1",
+                        folder / "knn_top1.png")
+    plot_metric_history(rows, {"DINO loss": "train_loss"}, "train loss", folder / "loss.png")
     lines = [
         f"# DINO run: {cfg.arch} at {cfg.img_size} px",
         "",

@@ -76,31 +76,12 @@ class HoldOut:
         return {k: v[mask] for k, v in batch.items()}
 
 
-def _total_mib(paths: list[str]) -> float | None:
-    """Size of local shard files in MiB; None for remote storage (never materialised)."""
-    import os
-
-    if any("://" in p for p in paths):
-        return None
-    return sum(os.path.getsize(p) for p in paths) / (1 << 20)
-
-
 def encoded_images(paths: list[str], cfg: Any, training: bool) -> Any:
     """The encoded rows, streamed from Parquet or held in the object store when small."""
-    import ray.data
+    from raylab.runtime.datasets import read_shards
 
-    from raylab.runtime.cluster import cluster_resources
-
-    size = _total_mib(paths)
-    if cfg.materialize_mb and size is not None and size <= cfg.materialize_mb:
-        # Enough blocks that every CPU gets decoding work (small shard files would be
-        # read as one block and decoded by one task).
-        blocks = max(len(paths), 2 * int(cluster_resources().get("CPU", 1)))
-        ds = ray.data.read_parquet(paths).select_columns(["image", "label", "path"])
-        ds = ds.repartition(blocks).materialize()
-        return ds.randomize_block_order() if training else ds
-    ds = ray.data.read_parquet(paths, shuffle="files" if training else None)
-    return ds.select_columns(["image", "label", "path"])
+    return read_shards(paths, ["image", "label", "path"], shuffle_files=training,
+                       materialize_mb=cfg.materialize_mb)
 
 
 _TRANSFORMS: dict[str, Any] = {}

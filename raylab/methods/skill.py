@@ -100,6 +100,9 @@ class SkillConfig:
     #: Keep each worker's windows in memory after the first epoch when they fit in this
     #: many MiB (0 streams every epoch); see raylab.runtime.batch_cache.
     cache_mb: int = 1024
+    #: Read the shards once into Ray's object store when they total at most this many MiB
+    #: (0: stream from Parquet every epoch); see raylab.runtime.datasets.
+    materialize_mb: int = 512
     checkpoint_every: int = 5
     model: SkillModelConfig = field(default_factory=SkillModelConfig)
     optim: SkillOptimConfig = field(default_factory=SkillOptimConfig)
@@ -120,6 +123,8 @@ class SkillConfig:
         cfglib.require(self.checkpoint_every >= 1, "checkpoint_every", ">= 1",
                        self.checkpoint_every)
         cfglib.require(self.cache_mb >= 0, "cache_mb", "an integer >= 0 (MiB)", self.cache_mb)
+        cfglib.require(self.materialize_mb >= 0, "materialize_mb", "an integer >= 0 (MiB)",
+                       self.materialize_mb)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -198,12 +203,19 @@ def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[None] for k, v in state.items()}
 
 
-def channel_stats(paths: list[str], names: set[str]) -> ChannelStats:
+def trial_rows(paths: list[str], cfg: SkillConfig) -> Any:
+    """The kinematics rows, read once per run and held in the object store when small."""
+    from raylab.runtime.datasets import read_shards
+
+    return read_shards(paths, ["name", "n_frames", "kinematics"], shuffle_files=True,
+                       materialize_mb=cfg.materialize_mb)
+
+
+def channel_stats(rows: Any, names: set[str]) -> ChannelStats:
     """Mean/std per channel over the training trials, computed where the data lives."""
-    import ray.data
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(paths).select_columns(["name", "kinematics"])
+    ds = rows.select_columns(["name", "kinematics"])
     ds = ds.filter(expr=col("name").is_in(sorted(names)))
     total = ChannelStatsAccumulator()
     for part in ds.map_batches(_partial_stats, batch_format="numpy").iter_rows():
@@ -211,18 +223,15 @@ def channel_stats(paths: list[str], names: set[str]) -> ChannelStats:
     return total.result()
 
 
-def window_dataset(paths: list[str], trials: list[Trial], cfg: SkillConfig,
-                   stats: ChannelStats, shuffle: bool) -> Any:
-    """The windowed Ray Dataset of ``trials``, streamed from the shards."""
-    import ray.data
+def window_dataset(rows: Any, trials: list[Trial], cfg: SkillConfig, stats: ChannelStats
+                   ) -> Any:
+    """The windowed Ray Dataset of ``trials`` (``rows`` from :func:`trial_rows`)."""
     from ray.data.expressions import col
 
     assign = {t.name: (t.label, i) for i, t in enumerate(trials)}
-    ds = ray.data.read_parquet(paths, shuffle="files" if shuffle else None)
-    ds = ds.select_columns(["name", "n_frames", "kinematics"])
     # Filtering before windowing keeps batches non-empty: Ray Data cannot store an empty
     # batch of [0, W, C] tensors as a tensor column and would fall back to pickling.
-    ds = ds.filter(expr=col("name").is_in(sorted(assign)))
+    ds = rows.filter(expr=col("name").is_in(sorted(assign)))
     windows = TrialWindows(assign, cfg.window, cfg.step, stats.to_dict())
     return ds.map_batches(windows, batch_format="numpy", batch_size=16)
 
@@ -246,10 +255,11 @@ def fit_fold(cfg: SkillConfig, options: RunOptions, paths: list[str], train: lis
     from raylab.methods.skill_loop import train_loop
     from raylab.runtime.trainer import fit
 
-    stats = channel_stats(paths, {t.name for t in train})
+    rows = trial_rows(paths, cfg)
+    stats = channel_stats(rows, {t.name for t in train})
     datasets = {
-        "train": window_dataset(paths, train, cfg, stats, shuffle=True),
-        eval_split: window_dataset(paths, evaluate_on, cfg, stats, shuffle=False),
+        "train": window_dataset(rows, train, cfg, stats),
+        eval_split: window_dataset(rows, evaluate_on, cfg, stats),
     }
     loop_config = {
         "config": cfglib.to_dict(cfg),

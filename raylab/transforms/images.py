@@ -201,6 +201,26 @@ def build_transform(
     )
 
 
+def image_batch_columns(batch: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, Any]:
+    """``(images, labels, paths)`` of a Ray Data batch, checked; ``paths`` may be None.
+
+    Raises:
+        DataError: ``image`` or ``label`` is missing, or the columns differ in length.
+    """
+    missing = [c for c in ("image", "label") if c not in batch]
+    if missing:
+        raise DataError(f"image batch is missing columns {missing}; has {sorted(batch)}")
+    images = batch["image"]
+    labels = np.asarray(batch["label"]).reshape(-1).astype(np.int64)
+    paths = batch.get("path")
+    if len(images) != labels.size or (paths is not None and len(paths) != labels.size):
+        raise DataError(
+            f"image batch columns differ in length: image {len(images)}, label "
+            f"{labels.size}" + ("" if paths is None else f", path {len(paths)}")
+        )
+    return images, labels, paths
+
+
 class ImageBatchTransform:
     """Decode and transform a batch of encoded images (a Ray Data ``map_batches`` class).
 
@@ -250,17 +270,7 @@ class ImageBatchTransform:
             DataError: A column is missing, the columns differ in length, or a row does not
                 decode (the error names its path, or its row index without ``path``).
         """
-        missing = [c for c in ("image", "label") if c not in batch]
-        if missing:
-            raise DataError(f"image batch is missing columns {missing}; has {sorted(batch)}")
-        images = batch["image"]
-        labels = np.asarray(batch["label"]).reshape(-1).astype(np.int64)
-        paths = batch.get("path")
-        if len(images) != labels.size or (paths is not None and len(paths) != labels.size):
-            raise DataError(
-                f"image batch columns differ in length: image {len(images)}, label "
-                f"{labels.size}" + ("" if paths is None else f", path {len(paths)}")
-            )
+        images, labels, paths = image_batch_columns(batch)
         size = self.input_size
         out = np.empty((len(images), 3, size, size), dtype=self.out_dtype)
         for i, data in enumerate(images):

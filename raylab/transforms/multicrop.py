@@ -28,8 +28,8 @@ from PIL import Image, ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from raylab.errors import ConfigError, DataError
-from raylab.transforms.images import decode_image
+from raylab.errors import ConfigError
+from raylab.transforms.images import decode_image, image_batch_columns
 
 REFERENCE_GLOBAL = 224
 REFERENCE_LOCAL = 96
@@ -246,17 +246,7 @@ class MultiCropBatch:
             DataError: A missing column, columns of different lengths, or a row that does
                 not decode (named by its path, or its row index without ``path``).
         """
-        missing = [c for c in ("image", "label") if c not in batch]
-        if missing:
-            raise DataError(f"image batch is missing columns {missing}; has {sorted(batch)}")
-        images = batch["image"]
-        labels = np.asarray(batch["label"]).reshape(-1).astype(np.int64)
-        paths = batch.get("path")
-        if len(images) != labels.size or (paths is not None and len(paths) != labels.size):
-            raise DataError(
-                f"image batch columns differ in length: image {len(images)}, label "
-                f"{labels.size}" + ("" if paths is None else f", path {len(paths)}")
-            )
+        images, labels, paths = image_batch_columns(batch)
         sizes = self.transform.crop_sizes()
         out = {f"crop{i}": np.empty((len(images), 3, s, s), dtype=self.out_dtype)
                for i, s in enumerate(sizes)}

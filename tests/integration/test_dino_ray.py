@@ -1,6 +1,6 @@
 """DINO end to end on the shared local Ray cluster, 2 workers (all-reduced center).
 
-Small budget: a ViT-Tiny with 8 px patches on 32 px images, 2 local crops, 2 epochs.
+Small budget: a ViT-Tiny with 8 px patches on 32 px images, 2 local crops, 3 epochs.
 That proves the wiring (crops from Ray Data, the step, schedules, k-NN and linear probe on
 rank 0, checkpoint contents, attention maps, load_backbone); learning itself is checked
 without Ray in tests/unit/test_dino_step.py and measured in BENCHMARKS.md.
@@ -9,6 +9,7 @@ without Ray in tests/unit/test_dino_step.py and measured in BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -42,8 +43,9 @@ def test_two_worker_dino_run(ray_cluster, image_shards: Path, tmp_path: Path) ->
                "--set", "arch=vit_tiny_patch16_224", "--set", "img_size=32",
                "--set", "patch_size=8", "--set", "n_local_crops=2", "--set", "out_dim=512",
                "--set", "hidden_dim=256", "--set", "bottleneck_dim=64",
-               "--set", "optim.batch_size=32", "--set", "optim.epochs=2",
+               "--set", "optim.batch_size=32", "--set", "optim.epochs=3",
                "--set", "optim.warmup_epochs=1", "--set", "warmup_teacher_temp_epochs=1",
+               "--set", "teacher_temp=0.04",
                "--set", "max_train_rows=256", "--set", "eval_every=1",
                "--set", "linear_probe_epochs=20", "--workers", "2",
                "--storage", str(tmp_path), "--name", "d"])
@@ -52,14 +54,19 @@ def test_two_worker_dino_run(ray_cluster, image_shards: Path, tmp_path: Path) ->
     summary = json.loads((exp / "summary.json").read_text())
     assert 0.0 <= summary["knn_top1"] <= 1.0 and 0.0 <= summary["linear_top1"] <= 1.0
     rows = [json.loads(x) for x in (exp / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all("test_knn_top1" in r for r in rows)  # eval_every=1
+    # No collapse: the student predicts the teacher better than a uniform guess, ln(K).
+    # (That the step lowers the loss is tested without Ray in tests/unit/test_dino_step.py;
+    # 24 steps are too few here, as the center is still warming up from zero.)
+    assert all(r["train_loss"] < math.log(512) for r in rows)
     assert rows[1]["teacher_momentum"] > rows[0]["teacher_momentum"]  # cosine 0.996 -> 1
-    assert rows[0]["teacher_temp"] == pytest.approx(0.04)
-    assert rows[1]["teacher_temp"] == pytest.approx(0.07)
+    assert all(r["teacher_temp"] == pytest.approx(0.04) for r in rows)
+    # Both workers hold the same center: it moves with the all-reduced global batch mean.
+    assert all(r["center_spread"] < 1e-6 for r in rows)
     state = load_checkpoint(summary["checkpoint"])
     assert state["extra"]["center"].abs().sum() > 0  # the center moved
-    assert len(state["extra"]["lr_schedule"]) == 2 * (256 // 32)
+    assert len(state["extra"]["lr_schedule"]) == 3 * (256 // 32)
     student = torch.cat([v.flatten() for v in state["model"].values()])
     teacher = torch.cat([v.flatten() for v in state["ema"].values()])
     assert not torch.equal(student, teacher)  # the teacher is an average, not a copy

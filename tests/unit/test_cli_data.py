@@ -80,3 +80,55 @@ def test_imagefolder_cli_errors(tmp_path: Path, capsys) -> None:
     assert main(["data", "convert", "imagefolder", str(raw), dst, "--skip-bad"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 5 and len(summary["skipped"]) == 2
+
+
+def test_clear_sample_convert_inspect(tmp_path: Path, capsys) -> None:
+    images, raw, dst = (str(tmp_path / n) for n in ("images", "raw", "stream"))
+    assert main(["data", "sample", "images", images, "--classes", "3", "--train-per-class", "8",
+                 "--test-per-class", "4", "--size", "8"]) == 0
+    assert main(["data", "sample", "clear", raw, "--from", images, "--per-class", "2",
+                 "--buckets", "5", "--seed", "1"]) == 0
+    assert "synthetic CLEAR-style stream" in capsys.readouterr().out
+    assert sorted(p.name for p in Path(raw).iterdir()) == ["0", "1", "2", "3", "4",
+                                                           "README.txt", "drift.json"]
+    assert main(["data", "convert", "clear", raw, dst, "--buckets", "0,2-4",
+                 "--classes", "ring,disk"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["buckets"] == [0, 2, 3, 4] and summary["class_names"] == ["disk", "ring"]
+    assert summary["unlabeled_buckets"] == [0] and summary["skipped"] == []
+    assert main(["data", "inspect", dst, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "clear" and info["buckets"] == [0, 2, 3, 4]
+    assert info["counts"] == summary["counts"] and info["counts"]["0"] == {}
+    assert info["bucket_rows"]["0"] == 6 and info["class_names"] == ["disk", "ring"]
+    assert sum(info["counts"]["3"].values()) == info["bucket_rows"]["3"]
+    assert main(["data", "inspect", dst]) == 0
+    text = capsys.readouterr().out
+    assert "format:  clear" in text and "bucket 0" in text and "(unlabeled)" in text
+
+
+def test_clear_cli_errors(tmp_path: Path, capsys) -> None:
+    raw, dst = tmp_path / "raw", str(tmp_path / "stream")
+    assert main(["data", "sample", "clear", str(raw)]) == 2
+    _one_error_line(capsys, "--from IMAGEFOLDER is required")
+    assert main(["data", "sample", "clear", str(raw), "--from", str(tmp_path / "nope")]) == 2
+    _one_error_line(capsys, "source folder not found")
+    assert main(["data", "sample", "images", str(raw), "--per-class", "3"]) == 2
+    _one_error_line(capsys, "--per-class: only for clear, not images")
+    assert main(["data", "convert", "clear", str(tmp_path / "nope"), dst]) == 2
+    _one_error_line(capsys, "source folder not found; expected <src>/<bucket>/<class>/<image>")
+    (raw / "1" / "a").mkdir(parents=True)
+    (raw / "2").mkdir()
+    assert main(["data", "convert", "clear", str(raw), dst]) == 2
+    _one_error_line(capsys, "labelled bucket has no class folders")
+    assert main(["data", "convert", "clear", str(raw), dst, "--buckets", "9"]) == 2
+    _one_error_line(capsys, "bucket(s) 9 not found; present: 1-2")
+    assert main(["data", "convert", "clear", str(raw), dst, "--buckets", "x"]) == 2
+    _one_error_line(capsys, "buckets: expected integers and ranges")
+    assert main(["data", "convert", "imagefolder", str(raw), dst, "--classes", "a"]) == 2
+    _one_error_line(capsys, "--classes: only for clear, not imagefolder")
+    assert main(["data", "convert", "jigsaws", str(raw), dst, "--skip-bad"]) == 2
+    _one_error_line(capsys, "--skip-bad: only for imagefolder or clear, not jigsaws")
+    assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
+    _one_error_line(capsys, "shard folder not found")
+    assert not Path(dst).exists()
