@@ -4,6 +4,8 @@ Modules:
     shards: generic folder of ``*.parquet`` shards plus ``manifest.json``.
     jigsaws: JIGSAWS kinematics reader, converter and synthetic sample writer.
     imagefolder: ImageFolder (``<split>/<class>/<img>``) converter, split access, sample.
+    clear: CLEAR stream (one shard folder per time bucket) converter and the synthetic
+        drift-stream sample.
     splits: cross-validation folds (LOSO, LOUO, hold-out) over trial names.
     inspect: summary of a shard folder for ``raylab data inspect``.
 """

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from raylab.data import clear, imagefolder
 from raylab.data.jigsaws import SKILL_LEVELS
-from raylab.data.shards import read_manifest
+from raylab.data.shards import read_manifest, shard_paths
 
 _GROUP_COLUMN = "task"
 _LABEL_COLUMNS = ("skill", "label")
@@ -111,7 +111,7 @@ def _inspect_clear(dst: str | os.PathLike) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     shards: dict[str, int] = {}
     for bucket in manifest["buckets"]:
-        paths = clear.bucket_paths(dst, bucket)
+        paths = shard_paths(os.path.join(dst, manifest["bucket_dirs"][str(bucket)]))
         labels = [k for p in paths for k in pq.read_table(p, columns=["label"])
                   .column("label").to_pylist()]
         unlabeled = bucket in manifest["unlabeled_buckets"]
