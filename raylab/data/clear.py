@@ -52,6 +52,7 @@ from raylab.data.shards import (
     SCHEMA_VERSION,
     _move_into_place,
     read_manifest,
+    sample_folder,
     shard_paths,
     write_shards,
 )
@@ -550,18 +551,6 @@ def _check_enough(pools: dict[str, list[_Item]], per_class: int, n_buckets: int,
                         path=src)
 
 
-def _clear_sample_tmp(dst: Path) -> Path:
-    """Refuse a non-empty folder that is not an earlier sample; return a temp sibling."""
-    if dst.exists():
-        readme = dst / "README.txt"
-        if not dst.is_dir() or (any(dst.iterdir()) and not (readme.is_file() and readme.read_text(
-                errors="replace").startswith("SYNTHETIC CLEAR"))):
-            raise DataError("exists and is not an empty folder; expected a new or empty "
-                            "folder (or an earlier synthetic CLEAR sample)", path=dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-
-
 def write_clear_sample(src_imagefolder: str | os.PathLike, dst: str | os.PathLike, *,
                        n_buckets: int = 11, per_class_per_bucket: int = 40,
                        classes: Sequence[str] | None = None, seed: int = 0) -> Path:
@@ -597,17 +586,9 @@ def write_clear_sample(src_imagefolder: str | os.PathLike, dst: str | os.PathLik
     src, dst = Path(src_imagefolder), Path(dst)
     pools = _source_pools(src, classes)
     _check_enough(pools, per_class_per_bucket, n_buckets, src)
-    tmp = _clear_sample_tmp(dst)
-    try:
-        tmp.mkdir()
+    with sample_folder(dst, "SYNTHETIC CLEAR", "synthetic CLEAR sample") as tmp:
         drift = _write_sample_buckets(pools, tmp, n_buckets, per_class_per_bucket, seed)
         _write_sample_docs(tmp, src, drift, n_buckets, per_class_per_bucket, seed)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import secrets
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from raylab.data.shards import MANIFEST, read_manifest, write_shards
+from raylab.data.shards import MANIFEST, read_manifest, sample_folder, write_shards
 from raylab.errors import ConfigError, DataError
 
 FORMAT = "imagefolder"
@@ -380,22 +378,6 @@ def _check_sample_args(classes: int, train_per_class: int, test_per_class: int,
         raise ConfigError(f"size: expected 8..512 pixels, got {size}")
 
 
-def _sample_tmp(dst: Path) -> Path:
-    """Refuse a non-empty folder that is not an earlier sample; return a temp sibling."""
-    if dst.exists():
-        if not dst.is_dir():
-            raise DataError("exists and is not a folder; expected a new or empty folder",
-                            path=dst)
-        readme = dst / "README.txt"
-        is_sample = readme.is_file() and readme.read_text(errors="replace").startswith(
-            "SYNTHETIC IMAGE")
-        if any(dst.iterdir()) and not is_sample:
-            raise DataError("folder is not empty; expected a new or empty folder (or an "
-                            "earlier synthetic image sample)", path=dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-
-
 def write_image_sample(dst: str | os.PathLike, *, classes: int = 4,
                        train_per_class: int = 60, test_per_class: int = 20, size: int = 32,
                        seed: int = 0) -> Path:
@@ -423,9 +405,7 @@ def write_image_sample(dst: str | os.PathLike, *, classes: int = 4,
     """
     dst = Path(dst)
     _check_sample_args(classes, train_per_class, test_per_class, size)
-    tmp = _sample_tmp(dst)
-    try:
-        tmp.mkdir()
+    with sample_folder(dst, "SYNTHETIC IMAGE", "synthetic image sample") as tmp:
         rng = np.random.default_rng(seed)
         for split, per_class in (("train", train_per_class), ("test", test_per_class)):
             for name in SAMPLE_CLASSES[:classes]:
@@ -437,10 +417,4 @@ def write_image_sample(dst: str | os.PathLike, *, classes: int = 4,
         params = dict(classes=list(SAMPLE_CLASSES[:classes]), train_per_class=train_per_class,
                       test_per_class=test_per_class, size=size, seed=seed)
         (tmp / "README.txt").write_text(_SAMPLE_README.format(params=params))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -17,8 +17,6 @@ import gzip as gzip_lib
 import io
 import os
 import re
-import secrets
-import shutil
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raylab.data.shards import write_shards
+from raylab.data.shards import sample_folder, write_shards
 from raylab.errors import ConfigError, DataError
 
 TASKS = ("Suturing", "Needle_Passing", "Knot_Tying")
@@ -489,21 +487,6 @@ def _meta_line(rng: np.random.Generator, name: str, skill: str) -> str:
     return f"{name}\t\t{skill}\t{int(subs.sum())}\t\t{scores}\r\n"
 
 
-def _prepare_sample_dir(dst: Path) -> Path:
-    """Refuse a non-empty folder that is not an earlier sample; return a temp sibling."""
-    if dst.exists():
-        if not dst.is_dir():
-            raise DataError("exists and is not a folder; expected a new or empty folder",
-                            path=dst)
-        is_sample = (dst / "README.txt").is_file() and (dst / "README.txt").read_text(
-            errors="replace").startswith("SYNTHETIC JIGSAWS")
-        if any(dst.iterdir()) and not is_sample:
-            raise DataError("folder is not empty; expected a new or empty folder (or an "
-                            "earlier synthetic sample)", path=dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-
-
 def write_sample(dst: str | os.PathLike, tasks: Sequence[str] = TASKS,
                  subjects: str = "BCDEFGHI", trials: Sequence[int] = (1, 2, 3, 4, 5),
                  frames: tuple[int, int] = (600, 900), seed: int = 0,
@@ -528,21 +511,13 @@ def write_sample(dst: str | os.PathLike, tasks: Sequence[str] = TASKS,
     """
     dst = Path(dst)
     _check_sample_args(tasks, subjects, trials, frames)
-    tmp = _prepare_sample_dir(dst)
-    try:
-        tmp.mkdir()
+    with sample_folder(dst, "SYNTHETIC JIGSAWS", "synthetic sample") as tmp:
         rng = np.random.default_rng(seed)
         for index, task in enumerate(tasks):
             _write_sample_task(tmp / task, task, index, rng, subjects, trials, frames, gzip)
         params = dict(tasks=list(tasks), subjects=subjects, trials=list(trials),
                       frames=list(frames), seed=seed, gzip=gzip)
         (tmp / "README.txt").write_text(_SAMPLE_README.format(params=params))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,36 @@ def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+@contextmanager
+def sample_folder(dst: Path, marker: str, what: str) -> Iterator[Path]:
+    """Write a synthetic sample into a temporary sibling of ``dst``, then swap it in.
+
+    ``dst`` must be new, empty, or an earlier sample (its README.txt starts with
+    ``marker``), so that a user's real data is never replaced. On an error the temporary
+    folder is removed and ``dst`` is left as it was.
+    """
+    if dst.exists():
+        readme = dst / "README.txt"
+        is_sample = readme.is_file() and readme.read_text(errors="replace").startswith(marker)
+        if not dst.is_dir():
+            raise DataError("exists and is not a folder; expected a new or empty folder",
+                            path=dst)
+        if any(dst.iterdir()) and not is_sample:
+            raise DataError(f"folder is not empty; expected a new or empty folder (or an "
+                            f"earlier {what})", path=dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:

@@ -231,7 +231,7 @@ def test_sample_errors_write_nothing(tiny: tuple[Path, Path], tmp_path: Path) ->
         write_clear_sample(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("x")
-    with pytest.raises(DataError, match="not an empty folder"):
+    with pytest.raises(DataError, match="folder is not empty"):
         write_clear_sample(source, tmp_path / "mine", per_class_per_bucket=2)
     assert not (tmp_path / "out").exists() and (tmp_path / "mine" / "keep.txt").exists()
     assert _leftovers(tmp_path) == []
