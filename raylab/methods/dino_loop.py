@@ -95,7 +95,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     center = torch.zeros(1, cfg.out_dim, device=info.device)
     start_epoch, step, state = W.restore_latest(model=student, optimizer=optimizer,
                                                 scaler=scaler, ema=teacher.module)
-    if state is not None and "extra" in state:
+    if W.finished_already(state, start_epoch, o.epochs):
+        return
+    if state is not None and "center" in state.get("extra", {}):
         center = state["extra"]["center"].to(info.device)
     per_worker = o.batch_size // info.world_size
     n_crops = 2 + cfg.n_local_crops

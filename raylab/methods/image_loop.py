@@ -75,9 +75,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         lr_schedule=schedule, mixup=mixup, precision=cfg.precision,
         channels_last=cfg.channels_last, grad_accum=cfg.grad_accum, clip_grad=o.clip_grad,
         ema=ema, prepare=DeviceNormalize(a.re_prob, info.device))
-    start_epoch, step_fn.step, _ = W.restore_latest(
+    start_epoch, step_fn.step, state = W.restore_latest(
         model=model, optimizer=optimizer, scaler=step_fn.scaler,
         ema=ema.module if ema is not None else None)
+    if W.finished_already(state, start_epoch, o.epochs):
+        return
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard(eval_split)
     # Evaluation images are decoded the same way every epoch: keep them when they fit.

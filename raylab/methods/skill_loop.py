@@ -126,8 +126,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.epochs))
-    start_epoch, step, _ = W.restore_latest(model=model, optimizer=optimizer,
-                                            scheduler=scheduler)
+    start_epoch, step, state = W.restore_latest(model=model, optimizer=optimizer,
+                                                scheduler=scheduler)
+    if W.finished_already(state, start_epoch, cfg.optim.epochs):
+        return
     # The global batch is the config's; each worker takes its share, so 2 workers see the
     # same optimisation problem as 1.
     per_worker_batch = max(1, cfg.optim.batch_size // info.world_size)

@@ -31,8 +31,8 @@ class MetricsLogger(ray.train.UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
                      ) -> None:
-        if not metrics:
-            return
+        if not metrics or metrics[0].get("replayed_from_checkpoint"):
+            return  # nothing new: the final metrics of a restored, finished run
         row = dict(metrics[0])
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path

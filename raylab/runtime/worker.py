@@ -105,12 +105,36 @@ def restore_latest(**objects: Any) -> tuple[int, int, dict[str, Any] | None]:
     return epoch + 1, step, state
 
 
+#: Marks a report that repeats the final metrics of a run restored from its last
+#: checkpoint; MetricsLogger does not write it to metrics.jsonl again.
+REPLAYED = "replayed_from_checkpoint"
+
+
+def finished_already(state: dict[str, Any] | None, next_epoch: int, epochs: int) -> bool:
+    """True when the restored checkpoint is the run's last one; then report its metrics.
+
+    A run interrupted after its final checkpoint but before Tune saw the trial end is
+    restored with nothing left to train. Without a report Tune would keep the trial's
+    older result, so the final metrics saved in the checkpoint are reported once more.
+    """
+    if state is None or next_epoch < epochs:
+        return False
+    metrics = dict(state.get("extra", {}).get("last_metrics") or {"epoch": epochs})
+    metrics[REPLAYED] = True
+    ray.train.report(metrics)
+    return True
+
+
 def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
     """Report metrics from every rank; rank 0 also saves and attaches a checkpoint.
 
     ``checkpoint`` holds the keyword arguments of :func:`save_checkpoint`. Every rank must
-    call this (Ray Train synchronises reports); only rank 0 writes files.
+    call this (Ray Train synchronises reports); only rank 0 writes files. The metrics are
+    saved in the checkpoint too (see :func:`finished_already`).
     """
+    if checkpoint is not None:
+        extra = dict(checkpoint.get("extra") or {}, last_metrics=metrics)
+        checkpoint = dict(checkpoint, extra=extra)
     if LOCAL_RUN_DIR is not None:
         _report_in_process(LOCAL_RUN_DIR, metrics, checkpoint)
         return

@@ -72,6 +72,14 @@ def test_rerun_with_same_name_resumes_from_checkpoint(ray_cluster, sample_shards
     assert _train(sample_shards, tmp_path, "r", "--set", "optim.epochs=4",
                   "--set", "checkpoint_every=1", "--workers", "0") == 0
     assert _epochs_logged(tmp_path / "r" / "supertrial1") == [1, 2, 3, 4]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    # A finished run restored again trains nothing and reports its saved final metrics
+    # (what a Tune trial interrupted after its last checkpoint relies on).
+    assert _train(sample_shards, tmp_path, "r", "--set", "optim.epochs=4",
+                  "--set", "checkpoint_every=1", "--workers", "0") == 0
+    assert _epochs_logged(tmp_path / "r" / "supertrial1") == [1, 2, 3, 4]
+    again = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert again["folds"][0]["accuracy"] == summary["folds"][0]["accuracy"]
 
 
 def test_assess_streams_a_recording(one_worker_run: Path, sample_shards: Path,
