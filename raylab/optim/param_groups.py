@@ -17,6 +17,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from raylab.errors import ConfigError
+from raylab.runtime.checkpoint import unwrap_model
 
 # fnmatch patterns (full parameter names) that never get weight decay, at any depth.
 DEFAULT_NO_WEIGHT_DECAY = (
@@ -24,32 +25,6 @@ DEFAULT_NO_WEIGHT_DECAY = (
 )
 
 _OPTIMIZERS = ("adamw", "sgd")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel, DataParallel or ``torch.compile``.
-
-    Any other module whose only child is ``module`` and that owns no parameters or buffers
-    of its own also counts as a wrapper.
-    """
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        is_wrapper = isinstance(
-            model, (nn.DataParallel, nn.parallel.DistributedDataParallel)
-        ) or (
-            [name for name, _ in model.named_children()] == ["module"]
-            and next(model.parameters(recurse=False), None) is None
-            and next(model.buffers(recurse=False), None) is None
-        )
-        if not is_wrapper:
-            return model
-        model = inner
 
 
 def _declared_no_weight_decay(model: nn.Module) -> set[str]:

@@ -25,10 +25,34 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / torch.compile wrappers, so checkpoints are portable."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel, DataParallel or ``torch.compile``.
+
+    Any other module whose only child is ``module`` and that owns no parameters or buffers
+    of its own also counts as a wrapper, and so does a plain object holding a ``module``
+    (:class:`raylab.optim.ModelEma`).
+    """
+    if not isinstance(model, torch.nn.Module) and isinstance(
+            getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        is_wrapper = isinstance(
+            model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+        ) or (
+            [name for name, _ in model.named_children()] == ["module"]
+            and next(model.parameters(recurse=False), None) is None
+            and next(model.buffers(recurse=False), None) is None
+        )
+        if not is_wrapper:
+            return model
+        model = inner
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,7 +108,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap_model(model).state_dict(),
         "epoch": int(epoch),
         "step": int(step),
         "rng": rng_state(),
@@ -96,7 +120,7 @@ def save_checkpoint(
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     if ema is not None:
-        state["ema"] = _unwrap(ema).state_dict()
+        state["ema"] = unwrap_model(ema).state_dict()
     if extra:
         state["extra"] = extra
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=directory)
@@ -147,7 +171,7 @@ def restore_checkpoint(
     restore_rng: bool = True,
 ) -> tuple[int, int]:
     """Load ``state`` into the given objects; returns ``(epoch, step)`` saved with it."""
-    _unwrap(model).load_state_dict(state["model"])
+    unwrap_model(model).load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
@@ -155,7 +179,7 @@ def restore_checkpoint(
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     if ema is not None and "ema" in state:
-        _unwrap(ema).load_state_dict(state["ema"])
+        unwrap_model(ema).load_state_dict(state["ema"])
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return int(state.get("epoch", 0)), int(state.get("step", 0))

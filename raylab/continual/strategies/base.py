@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylab.errors import ConfigError
+from raylab.runtime.checkpoint import unwrap_model as unwrap  # re-exported to strategies
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BatchesFactory = Callable[[], Iterable[Any]]
@@ -82,19 +83,6 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameter-free model)."""
     param = next(model.parameters(), None)
     return torch.device("cpu") if param is None else param.device
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / ``torch.compile`` (the rule of
-    ``raylab.optim.unwrap_model``, without importing timm)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None) if isinstance(
-                model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
-        if inner is None:
-            return model
-        model = inner
 
 
 def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
