@@ -24,8 +24,6 @@ import json
 import math
 import os
 import random
-import secrets
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,7 +48,7 @@ from raylab.data.imagefolder import (
 from raylab.data.shards import (
     MANIFEST,
     SCHEMA_VERSION,
-    _move_into_place,
+    output_folder,
     read_manifest,
     sample_folder,
     shard_paths,
@@ -314,13 +312,7 @@ def convert_clear(src: str | os.PathLike, dst: str | os.PathLike, *,
     src, dst = Path(src), Path(dst)
     bad: list[dict[str, str]] = []
     names, plan = _scan(src, classes, buckets, bad)
-    if dst.exists() and not overwrite:
-        raise DataError("output folder already exists (expected a new path, or pass "
-                        "overwrite)", path=dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with output_folder(dst, overwrite) as tmp:
         written = {b.bucket: _write_bucket(b, names, tmp, bad, rows_per_shard, seed, skip_bad)
                    for b in plan}
         if bad and not skip_bad:
@@ -330,10 +322,6 @@ def convert_clear(src: str | os.PathLike, dst: str | os.PathLike, *,
                                      "buckets": None if buckets is None else
                                      [b.bucket for b in plan]})
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     keys = ("rows", "buckets", "bucket_rows", "counts", "class_names", "unlabeled_buckets",
             "skipped")
     return {**{k: manifest[k] for k in keys},

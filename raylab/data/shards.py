@@ -59,7 +59,23 @@ def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: 
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    dst = Path(dst)
+    with output_folder(Path(dst), overwrite) as tmp:
+        shards, schema = _write_parts(tables, tmp, rows_per_shard, group_by)
+        meta = extra(shards) if callable(extra) else extra
+        manifest = _make_manifest(format, shards, schema, meta)
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@contextmanager
+def output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """Write a dataset into a temporary sibling of ``dst``; rename it into place at the end.
+
+    A failure (or Ctrl-C) removes the temporary folder and leaves ``dst`` as it was.
+
+    Raises:
+        DataError: ``dst`` exists and ``overwrite`` is false.
+    """
     if dst.exists() and not overwrite:
         raise DataError("output folder already exists (expected a new path, or pass "
                         "overwrite)", path=dst)
@@ -67,15 +83,11 @@ def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: 
     tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        shards, schema = _write_parts(tables, tmp, rows_per_shard, group_by)
-        meta = extra(shards) if callable(extra) else extra
-        manifest = _make_manifest(format, shards, schema, meta)
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        yield tmp
         _move_into_place(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
 
 
 def _write_parts(tables: Iterable[pa.Table], folder: Path, rows_per_shard: int,
