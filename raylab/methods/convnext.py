@@ -28,7 +28,6 @@ from raylab import config as cfglib
 from raylab.errors import ConfigError
 from raylab.methods.base import Method
 from raylab.methods.image_data import (
-    HoldOut,
     ImageData,
     encoded_images,
     load_image_data,
@@ -214,12 +213,7 @@ def image_dataset(paths: list[str], cfg: ConvNeXtConfig, training: bool,
     ``hold_out``: None keeps every row; True keeps only the validation share of the split,
     False drops it (see :attr:`ConvNeXtConfig.val_fraction`).
     """
-    ds = encoded_images(paths, cfg, training)
-    if limit:
-        ds = ds.limit(limit)
-    if hold_out is not None and cfg.val_fraction > 0:
-        ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out),
-                            batch_format="numpy")
+    ds = encoded_images(paths, cfg, training, hold_out, limit)
     kwargs = _transform_kwargs(cfg) if training else {}
     if cfg.loader_dtype == "uint8":
         kwargs.pop("re_prob", None)  # random erasing happens on the worker's device

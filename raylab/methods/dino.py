@@ -31,7 +31,6 @@ from raylab import config as cfglib
 from raylab.errors import CheckpointError, ConfigError
 from raylab.methods.base import Method
 from raylab.methods.image_data import (
-    HoldOut,
     ImageData,
     encoded_images,
     load_image_data,
@@ -212,11 +211,7 @@ def _crop_kwargs(cfg: DINOConfig) -> dict[str, Any]:
 
 
 def crop_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None, limit: int) -> Any:
-    ds = encoded_images(paths, cfg, training=True)
-    if limit:
-        ds = ds.limit(limit)
-    if hold_out is not None and cfg.val_fraction > 0:
-        ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out), batch_format="numpy")
+    ds = encoded_images(paths, cfg, True, hold_out, limit)
     return ds.map_batches(transform_batch, fn_kwargs=dict(
         kind="multicrop", out_dtype="uint8", **_crop_kwargs(cfg)),
         batch_format="numpy", batch_size=32)
@@ -225,11 +220,7 @@ def crop_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None, limit
 def eval_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None,
                  limit: int = 0) -> Any:
     """Centre-cropped images for feature extraction (k-NN bank or queries)."""
-    ds = encoded_images(paths, cfg, training=False)
-    if limit:
-        ds = ds.limit(limit)
-    if hold_out is not None and cfg.val_fraction > 0:
-        ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out), batch_format="numpy")
+    ds = encoded_images(paths, cfg, False, hold_out, limit)
     return ds.map_batches(transform_batch, fn_kwargs=dict(
         kind="classify", is_training=False, input_size=cfg.img_size, out_dtype="uint8"),
         batch_format="numpy", batch_size=128)
@@ -290,8 +281,10 @@ class DINOMethod(Method):
         from raylab.models import count_params
 
         data = load_image_data(cfg)
-        student, _ = build_student_teacher(cfg)
-        params = count_params(student.backbone)
+        from raylab.models.dino import build_backbone
+
+        params = count_params(build_backbone(cfg.arch, cfg.img_size, cfg.patch_size,
+                                             **backbone_kwargs(cfg)))
         print(f"DINO {cfg.arch} at {cfg.img_size} px ({params:,} backbone params), "
               f"2 global + {cfg.n_local_crops} local crops, lr {effective_lr(cfg):.3g} for "
               f"global batch {cfg.optim.batch_size}", flush=True)
@@ -353,13 +346,13 @@ def attention_figures(checkpoint: str | Path, data: str, split: str, out: Path,
     from raylab.data.shards import iter_rows
     from raylab.models.dino import cls_attention_maps
     from raylab.plots import plot_attention_maps
+    from raylab.runtime.checkpoint import load_meta
     from raylab.transforms.images import build_transform, decode_image
 
     backbone = load_backbone(checkpoint)
     if not hasattr(backbone, "blocks"):
         return []  # a ResNet has no attention to show
-    meta_cfg = cfglib.from_dict(DINOConfig, json.loads(
-        (Path(checkpoint) / "meta.json").read_text())["config"])
+    meta_cfg = cfglib.from_dict(DINOConfig, load_meta(checkpoint)["config"])
     transform = build_transform(False, meta_cfg.img_size)
     rows = []
     for row in iter_rows(data, columns=["image", "path", "split"]):

@@ -76,12 +76,22 @@ class HoldOut:
         return {k: v[mask] for k, v in batch.items()}
 
 
-def encoded_images(paths: list[str], cfg: Any, training: bool) -> Any:
-    """The encoded rows, streamed from Parquet or held in the object store when small."""
+def encoded_images(paths: list[str], cfg: Any, training: bool, hold_out: bool | None = None,
+                   limit: int = 0) -> Any:
+    """The encoded rows, streamed from Parquet or held in the object store when small.
+
+    ``limit`` keeps the first rows only (0: all). ``hold_out``: None keeps every row; True
+    keeps only the validation share of the split, False drops it (``cfg.val_fraction``).
+    """
     from raylab.runtime.datasets import read_shards
 
-    return read_shards(paths, ["image", "label", "path"], shuffle_files=training,
-                       materialize_mb=cfg.materialize_mb)
+    ds = read_shards(paths, ["image", "label", "path"], shuffle_files=training,
+                     materialize_mb=cfg.materialize_mb)
+    if limit:
+        ds = ds.limit(limit)
+    if hold_out is not None and cfg.val_fraction > 0:
+        ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out), batch_format="numpy")
+    return ds
 
 
 _TRANSFORMS: dict[str, Any] = {}
