@@ -1,9 +1,10 @@
 """Typed dataclass configs: defaults in code, then a YAML file, then ``--set a.b=c``.
 
-Configs are plain data. Values given as text (``--set``, search spaces) are parsed with
-``yaml.safe_load`` and then checked against the dataclass field's type; nothing is ever
-evaluated as code. Unknown keys and values of the wrong type raise :class:`ConfigError`
-naming the dotted key and the expected type.
+Configs are plain data. Config files and values given as text (``--set``, search spaces)
+are parsed with a ``yaml.SafeLoader`` that also refuses a key given twice, and then checked
+against the dataclass field's type; nothing is ever evaluated as code. Unknown keys and
+values of the wrong type raise :class:`ConfigError` naming the dotted key and the expected
+type.
 """
 
 from __future__ import annotations
@@ -25,6 +26,44 @@ C = TypeVar("C")
 # YAML 1.1 (PyYAML) reads `1e-3` as a string: it wants a dot in a float. Accept such text
 # where a float is expected, so that `--set optim.lr=1e-3` and `lr: 1e-3` work.
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice.
+
+    Plain PyYAML keeps the last value of a repeated key, so that ``window: 30`` followed
+    later by ``window: 60`` would silently drop one of them.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML text as plain data (never code); repeated keys are errors."""
+    return yaml.load(text, Loader=_UniqueKeySafeLoader)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong in a YAML file, in one line, with the line number where known."""
+    why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"({why})" if mark is None else f"at line {mark.line + 1} ({why})"
 
 
 def _type_name(tp: Any) -> str:
@@ -170,10 +209,13 @@ def field_type(cls: type, dotted: str) -> Any:
 def parse_value(text: str) -> Any:
     """Parse one override value as YAML data (numbers, lists, null, strings); never code."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return _load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as exc:
         why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"cannot parse value {text!r}: {why}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot parse value starting {text[:40]!r}: nested too "
+                          "deeply") from None
 
 
 def apply_overrides(cfg: C, overrides: dict[str, Any] | list[str]) -> C:
@@ -223,10 +265,12 @@ def load(cls: type[C], path: str | os.PathLike | None = None,
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = _load_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{p}: not valid YAML ({why})") from None
+            raise ConfigError(f"{p}: not valid YAML {_yaml_problem(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: not valid YAML (nested too deeply); expected a "
+                              "mapping of config keys") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{p}: cannot read config file ({exc})") from None
         try:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylab.data import clear, imagefolder
 from raylab.data.jigsaws import SKILL_LEVELS
-from raylab.data.shards import read_manifest, shard_paths
+from raylab.data.shards import MANIFEST, read_manifest, shard_paths, unreadable_shard
+from raylab.errors import DataError
 
 _GROUP_COLUMN = "task"
 _LABEL_COLUMNS = ("skill", "label")
@@ -43,20 +46,21 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
     Raises:
         DataError: The folder or manifest is invalid.
     """
-    if clear.is_stream(dst):
+    if _is_stream(dst):
         return _inspect_clear(dst)
     manifest = read_manifest(dst)
     schema = manifest["schema"]
     columns = [c for c in _SMALL_COLUMNS if c in schema]
     values: dict[str, list[Any]] = defaultdict(list)
     for shard in manifest["shards"]:
-        table = pq.read_table(os.path.join(dst, shard["file"]), columns=columns)
+        table = _read_columns(os.path.join(dst, shard["file"]), columns)
         for name in columns:
             values[name].extend(table.column(name).to_pylist())
     extra = manifest.get("extra") or {}
     if manifest["format"] == imagefolder.FORMAT:
         return _inspect_imagefolder(dst, manifest, values)
-    if manifest["format"] == clear.BUCKET_FORMAT and "class_names" in extra:
+    if (manifest["format"] == clear.BUCKET_FORMAT
+            and isinstance(extra.get("class_names"), list)):
         names = extra["class_names"]  # one bucket of a CLEAR stream: label -> class name
         values["label"] = [names[k] if 0 <= k < len(names) else "unlabeled"
                            for k in values["label"]]
@@ -77,10 +81,40 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def _is_stream(dst: str | os.PathLike) -> bool:
+    """:func:`clear.is_stream`, also for a manifest nested too deeply to parse.
+
+    ``read_manifest`` then reports that manifest as the error it is.
+    """
+    try:
+        return clear.is_stream(dst)
+    except RecursionError:
+        return False
+
+
+def _read_columns(path: str | os.PathLike, columns: list[str]) -> pa.Table:
+    """Read ``columns`` of one shard; a DataError naming the shard if it does not decode."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_shard(path, exc) from None
+
+
+def _check_labels(labels: list[Any], n_names: int, what: str, path: Path,
+                  allowed: tuple[int, ...] = ()) -> None:
+    """Every label indexes the ``n_names`` class names (or is one of ``allowed``)."""
+    for k in labels:
+        if k in allowed or (isinstance(k, int) and 0 <= k < n_names):
+            continue
+        raise DataError(f"a shard holds label {k!r} but {what} lists {n_names} class "
+                        f"name(s); expected labels 0..{n_names - 1}", path=path)
+
+
 def _inspect_imagefolder(dst: str | os.PathLike, manifest: dict[str, Any],
                          values: dict[str, list[Any]]) -> dict[str, Any]:
     """Summary of an imagefolder shard folder: counts per split and class name."""
     names = imagefolder.class_names(dst)
+    _check_labels(values["label"], len(names), '"extra.class_names"', Path(dst) / MANIFEST)
     extra = manifest["extra"]
     counts = {split: dict.fromkeys(names, 0) for split in extra["split_shards"]}
     for split, label in zip(values["split"], values["label"], strict=True):
@@ -107,13 +141,22 @@ def _inspect_imagefolder(dst: str | os.PathLike, manifest: dict[str, Any],
 def _inspect_clear(dst: str | os.PathLike) -> dict[str, Any]:
     """Summary of a CLEAR stream: rows and counts per bucket and class name."""
     manifest = clear.read_stream_manifest(dst)
+    path = Path(dst) / MANIFEST
     names = manifest["class_names"]
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataError(f'"class_names" is {names!r}; expected a list of class names',
+                        path=path)
+    if not (isinstance(manifest["unlabeled_buckets"], list)
+            and all(isinstance(b, int) for b in manifest["unlabeled_buckets"])):
+        raise DataError(f'"unlabeled_buckets" is {manifest["unlabeled_buckets"]!r}; expected '
+                        "a list of bucket ids", path=path)
     counts: dict[str, dict[str, int]] = {}
     shards: dict[str, int] = {}
     for bucket in manifest["buckets"]:
         paths = shard_paths(os.path.join(dst, manifest["bucket_dirs"][str(bucket)]))
-        labels = [k for p in paths for k in pq.read_table(p, columns=["label"])
+        labels = [k for p in paths for k in _read_columns(p, ["label"])
                   .column("label").to_pylist()]
+        _check_labels(labels, len(names), '"class_names"', path, allowed=(clear.UNLABELED,))
         unlabeled = bucket in manifest["unlabeled_buckets"]
         found = Counter(names[k] for k in labels if k != clear.UNLABELED)
         counts[str(bucket)] = {} if unlabeled else {n: found[n] for n in names}

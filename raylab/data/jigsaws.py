@@ -139,11 +139,24 @@ def _diagnose_kinematics(text: str, path: Path) -> None:
             raise DataError(f"expected {N_CHANNELS} whitespace-separated values, got "
                             f"{len(tokens)}", path=path, line=lineno)
         for col, token in enumerate(tokens, start=1):
-            try:
-                float(token)
-            except ValueError:
+            if not _is_number(token):
                 raise DataError(f"non-numeric value {token[:40]!r} in column {col}; expected "
-                                "a number", path=path, line=lineno) from None
+                                "a number", path=path, line=lineno)
+
+
+def _is_number(token: str) -> bool:
+    """Whether NumPy's text reader takes ``token`` as a number.
+
+    Python's ``float`` also takes ``1_000`` and non-ASCII digits, which ``np.loadtxt``
+    refuses; both count as non-numeric here, so that the error names their line.
+    """
+    if not token.isascii() or "_" in token:
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _line_of_row(text: str, row: int) -> int:

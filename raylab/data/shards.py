@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -79,15 +80,30 @@ def output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
     if dst.exists() and not overwrite:
         raise DataError("output folder already exists (expected a new path, or pass "
                         "overwrite)", path=dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = _make_temporary_sibling(dst)
     try:
         yield tmp
         _move_into_place(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_temporary_sibling(dst: Path) -> Path:
+    """Create and return an empty hidden folder next to ``dst`` (its parents as needed).
+
+    Raises:
+        DataError: The parent cannot be created or written, e.g. it is a file.
+    """
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise DataError(f"cannot create the output folder here ({exc.strerror or exc}); "
+                        "expected a path whose parent is a writable folder",
+                        path=dst) from None
+    return tmp
 
 
 def _write_parts(tables: Iterable[pa.Table], folder: Path, rows_per_shard: int,
@@ -195,9 +211,7 @@ def sample_folder(dst: Path, marker: str, what: str) -> Iterator[Path]:
         if any(dst.iterdir()) and not is_sample:
             raise DataError(f"folder is not empty; expected a new or empty folder (or an "
                             f"earlier {what})", path=dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = _make_temporary_sibling(dst)
     try:
         yield tmp
         if dst.exists():
@@ -220,7 +234,8 @@ def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) ->
 
     Raises:
         DataError: The folder or manifest is missing or malformed, the format differs, or
-            a shard is missing, unreadable, or holds another number of rows than listed.
+            a shard is missing, unreadable, or holds another number of rows or other
+            columns than listed.
     """
     dst = Path(dst)
     if not dst.exists():
@@ -232,7 +247,7 @@ def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) ->
         raise DataError(f"format is {manifest['format']!r}, expected {expected_format!r}",
                         path=dst / MANIFEST)
     for shard in manifest["shards"]:
-        _check_shard(dst, shard)
+        _check_shard(dst, shard, manifest["schema"])
     return manifest
 
 
@@ -248,6 +263,9 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read manifest ({exc}); expected UTF-8 JSON",
                         path=path) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply; expected a raylab shard manifest",
+                        path=path) from None
     if not isinstance(manifest, dict):
         raise DataError("expected a JSON object at the top level", path=path)
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -260,6 +278,9 @@ def _load_manifest(path: Path) -> dict[str, Any]:
 
 def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
     """Check the types and consistency of the manifest's required fields."""
+    if not isinstance(manifest["format"], str) or not manifest["format"]:
+        raise DataError(f'"format" is {manifest["format"]!r}; expected a format name such as '
+                        '"jigsaws"', path=path)
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise DataError(f"schema_version is {manifest['schema_version']!r}, expected "
                         f"{SCHEMA_VERSION}", path=path)
@@ -267,8 +288,11 @@ def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
     if not isinstance(shards, list) or not all(_valid_entry(s) for s in shards):
         raise DataError('expected "shards" to be a list of {"file": "<name>.parquet", '
                         '"rows": <int>}', path=path)
-    if not isinstance(manifest["schema"], dict):
+    if not (isinstance(manifest["schema"], dict)
+            and all(isinstance(t, str) for t in manifest["schema"].values())):
         raise DataError('expected "schema" to be an object {column: type}', path=path)
+    if not isinstance(manifest.get("extra", {}), dict):
+        raise DataError(f'"extra" is {manifest["extra"]!r}; expected an object', path=path)
     total = sum(s["rows"] for s in shards)
     if manifest["rows"] != total:
         raise DataError(f'"rows" is {manifest["rows"]!r}, expected {total} (the sum over '
@@ -285,8 +309,12 @@ def _valid_entry(shard: Any) -> bool:
             and isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0)
 
 
-def _check_shard(dst: Path, shard: dict[str, Any]) -> None:
-    """Check that a listed shard exists and its footer row count matches the manifest."""
+def _check_shard(dst: Path, shard: dict[str, Any], schema: dict[str, str]) -> None:
+    """Check that a listed shard exists and its footer matches the manifest.
+
+    The footer's row count must equal the shard's ``rows`` and its columns and types the
+    manifest's ``schema``, so that readers never meet a column that is not there.
+    """
     path = dst / shard["file"]
     if not path.is_file():
         raise DataError("shard listed in manifest.json is missing (expected a Parquet file)",
@@ -294,12 +322,37 @@ def _check_shard(dst: Path, shard: dict[str, Any]) -> None:
     try:
         with pq.ParquetFile(path) as pf:
             rows = pf.metadata.num_rows
+            found = {f.name: str(f.type) for f in pf.schema_arrow}
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"unreadable Parquet footer ({exc}); expected a complete Parquet "
+        message = " ".join(str(exc).split())
+        raise DataError(f"unreadable Parquet footer ({message}); expected a complete Parquet "
                         "file", path=path) from None
     if rows != shard["rows"]:
         raise DataError(f"shard holds {rows} rows, manifest.json lists {shard['rows']}",
                         path=path)
+    _check_columns(path, found, schema)
+
+
+def _type_text(text: str) -> str:
+    """A column type's text without child field names (``list<item: x>`` is ``list<x>``)."""
+    return re.sub(r"<[\w.]+: ", "<", text)
+
+
+def _check_columns(path: Path, found: dict[str, str], schema: dict[str, str]) -> None:
+    """Raise a DataError naming the first difference between a shard's and the manifest's
+    columns."""
+    missing = [c for c in schema if c not in found]
+    if missing:
+        raise DataError(f"shard lacks column(s) {', '.join(missing)} that manifest.json "
+                        f"lists; expected columns {', '.join(schema)}", path=path)
+    extra = [c for c in found if c not in schema]
+    if extra:
+        raise DataError(f"shard holds column(s) {', '.join(extra)} that manifest.json does "
+                        f"not list; expected columns {', '.join(schema)}", path=path)
+    for column, text in schema.items():
+        if _type_text(found[column]) != _type_text(text):
+            raise DataError(f"column {column!r} has type {found[column]}, manifest.json "
+                            f"lists {text}", path=path)
 
 
 def shard_paths(dst: str | os.PathLike) -> list[str]:
@@ -329,7 +382,8 @@ def iter_rows(dst: str | os.PathLike, columns: list[str] | None = None,
         One ``{column: value}`` dictionary per row, in manifest order.
 
     Raises:
-        DataError: The folder is invalid or a requested column does not exist.
+        DataError: The folder is invalid, a requested column does not exist, or a shard's
+            data cannot be decoded (the shard is named).
     """
     manifest = read_manifest(dst)
     if columns is not None:
@@ -338,6 +392,21 @@ def iter_rows(dst: str | os.PathLike, columns: list[str] | None = None,
             raise DataError(f"unknown column(s) {', '.join(unknown)}; expected some of "
                             f"{', '.join(manifest['schema'])}", path=Path(dst) / MANIFEST)
     for shard in manifest["shards"]:
-        with pq.ParquetFile(Path(dst) / shard["file"]) as pf:
-            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        path = Path(dst) / shard["file"]
+        with pq.ParquetFile(path) as pf:
+            batches = pf.iter_batches(batch_size=batch_size, columns=columns)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except (pa.ArrowException, OSError) as exc:
+                    raise unreadable_shard(path, exc) from None
                 yield from batch.to_pylist()
+
+
+def unreadable_shard(path: str | os.PathLike, exc: BaseException) -> DataError:
+    """The DataError for a shard whose footer is fine but whose data cannot be decoded."""
+    message = " ".join(str(exc).split())
+    return DataError(f"unreadable Parquet data ({message}); expected a complete, uncorrupted "
+                     "Parquet file (convert the dataset again)", path=path)

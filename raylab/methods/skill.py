@@ -149,7 +149,16 @@ def load_trials(cfg: SkillConfig) -> tuple[list[str], list[Trial]]:
     for row in iter_rows(cfg.data, columns=columns):
         if row["task"] != cfg.task:
             continue
-        label = jigsaws.skill_label(row["skill"], row["grs"], cfg.labels, cfg.grs_thresholds)
+        where = f"trial {row['name']!r}"
+        needed = ("skill", "n_frames", "trial") + (("grs",) if cfg.labels == "grs" else ())
+        missing = [key for key in needed if row[key] is None]
+        if missing:
+            raise DataError(f"{where}: column(s) {', '.join(missing)} are null", path=cfg.data)
+        try:
+            label = jigsaws.skill_label(row["skill"], row["grs"], cfg.labels,
+                                        cfg.grs_thresholds)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}", path=cfg.data) from None
         trials.append(Trial(row["name"], row["subject"], int(row["trial"]), label,
                             int(row["n_frames"])))
     if not trials:

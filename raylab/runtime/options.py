@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -39,9 +40,10 @@ class RunOptions:
     def validate(self) -> None:
         if self.workers < 0:
             raise ConfigError(f"--workers: expected an integer >= 0, got {self.workers}")
-        if self.cpus_per_worker <= 0:
+        # Written so that NaN fails too (every comparison with NaN is false).
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
             raise ConfigError(f"--cpus-per-worker: expected > 0, got {self.cpus_per_worker}")
-        if self.gpus_per_worker < 0:
+        if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
             raise ConfigError(f"--gpus-per-worker: expected >= 0, got {self.gpus_per_worker}")
         if self.max_failures < -1:
             raise ConfigError(f"--max-failures: expected >= -1, got {self.max_failures}")
