@@ -151,8 +151,10 @@ def _method_config(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.data:
         overrides.append(f"data={json.dumps(_abs_data(args.data))}")
     cfg = cfglib.load(method.Config, args.config, overrides)
-    if getattr(cfg, "data", None) and "://" not in cfg.data:
-        cfg = cfglib.apply_overrides(cfg, {"data": _abs_data(cfg.data)})
+    paths = {key: _abs_data(getattr(cfg, key)) for key in method.path_keys
+             if getattr(cfg, key, None)}
+    if paths:
+        cfg = cfglib.apply_overrides(cfg, paths)
     return method, cfg
 
 
@@ -267,6 +269,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         if not args.method:
             raise RaylabError("raylab tune: give a METHOD or --resume EXP")
+        for flag, value in (("--trials", args.trials), ("--grace-period", args.grace_period)):
+            if value < 1:
+                raise RaylabError(f"{flag}: expected an integer >= 1, got {value}")
         from raylab.runtime.search_space import parse_space
 
         method, cfg = _method_config(args)

@@ -93,6 +93,44 @@ def plot_confusion(confusion: Any, labels: Sequence[str], path: str | os.PathLik
     return _save_atomic(fig, path)
 
 
+def plot_accuracy_matrix(matrix: Any, buckets: Sequence[Any], path: str | os.PathLike,
+                         title: str = "") -> Path:
+    """CLEAR's accuracy matrix ``R`` (row = trained through bucket i, column = tested on
+    bucket j) as an annotated heat map; cells not yet measured (None/NaN) stay blank.
+
+    Args:
+        matrix: ``[T, T]`` accuracies in [0, 1] (lists with None holes accepted).
+        buckets: The ``T`` bucket names in stream order.
+        path: Output image file.
+        title: Figure title.
+
+    Returns:
+        The path written.
+    """
+    values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix],
+                      dtype=np.float64)
+    n = len(buckets)
+    if values.shape != (n, n):
+        raise DataError(f"accuracy matrix has shape {values.shape}, expected ({n}, {n})")
+    size = 2.0 + 0.7 * n
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
+    for i in range(n):
+        for j in range(n):
+            if not np.isnan(values[i, j]):
+                colour = "black" if values[i, j] > 0.6 else "white"
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", color=colour,
+                        fontsize=8)
+    names = [str(b) for b in buckets]
+    ax.set_xticks(range(n), labels=names)
+    ax.set_yticks(range(n), labels=names)
+    ax.set_xlabel("tested on bucket j")
+    ax.set_ylabel("trained through bucket i")
+    ax.set_title(title or "Accuracy matrix R[i][j]")
+    return _save_atomic(fig, path)
+
+
 def plot_timeline(times_s: Any, probs: Any, labels: Sequence[str], path: str | os.PathLike,
                   running: Any = None, title: str = "") -> Path:
     """Per-window class probabilities over a trial, and the running estimate.

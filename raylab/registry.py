@@ -12,7 +12,8 @@ _METHODS: dict[str, Any] = {}
 
 # Modules imported on first lookup, so that `raylab methods` lists everything without the
 # CLI having to import each method eagerly at start-up.
-_BUILTIN_MODULES = ("raylab.methods.skill", "raylab.methods.convnext", "raylab.methods.dino")
+_BUILTIN_MODULES = ("raylab.methods.skill", "raylab.methods.convnext", "raylab.methods.dino",
+                    "raylab.methods.clear")
 
 T = TypeVar("T")
 

@@ -556,5 +556,40 @@ def get_stream(name: str, namespace: str | None = None) -> Any:
     return ray.get_actor(name, namespace=namespace)
 
 
-__all__ = ["PROTOCOLS", "StreamError", "StreamProtocol", "StreamService", "get_stream",
-           "shard_indices", "start_stream", "strategy_flags"]
+class ActorClient:
+    """The stream actor behind the plain :class:`StreamService` interface: each call is a
+    blocking ``ray.get``, so the learner's code (:func:`raylab.continual.runner.run_stream`)
+    is the same for the actor and for a local service.
+
+    ``timeout_s`` bounds each call: a restarting actor answers after its restart, a lost
+    one raises instead of hanging the workers."""
+
+    def __init__(self, handle: Any, timeout_s: float = 600.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        ref = getattr(self.handle, method).remote(*args, **kwargs)
+        return ray.get(ref, timeout=self.timeout_s)
+
+    def next_bucket(self, rank: int = 0, world_size: int = 1, bucket: int | None = None
+                    ) -> dict[str, Any] | None:
+        return self._call("next_bucket", rank, world_size, bucket)
+
+    def test_ids(self, bucket: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        return self._call("test_ids", bucket, rank, world_size)
+
+    def finish_bucket(self, bucket: int, accuracies: Mapping[int, float]) -> dict[str, Any]:
+        return self._call("finish_bucket", bucket, dict(accuracies))
+
+    def metrics(self) -> dict[str, Any]:
+        return self._call("metrics")
+
+    def state(self, full: bool = False) -> dict[str, Any]:
+        return self._call("state", full)
+
+
+__all__ = ["PROTOCOLS", "ActorClient", "StreamError", "StreamProtocol", "StreamService",
+           "get_stream", "shard_indices", "start_stream", "strategy_flags"]

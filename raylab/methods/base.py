@@ -22,9 +22,16 @@ class Method:
     mode: ClassVar[str]
     #: Default search space: dotted config key -> spec text (see raylab.runtime.tuner).
     default_space: ClassVar[dict[str, str]] = {}
+    #: Config keys holding file paths: made absolute before Ray starts (workers do not
+    #: share the driver's working directory).
+    path_keys: ClassVar[tuple[str, ...]] = ("data",)
 
     def check(self, cfg: Any) -> None:
         """Validate the config against the data before Ray starts (cheap reads only)."""
+
+    def max_epochs(self, cfg: Any) -> int:
+        """The length of a run on Tune's time axis (the reported ``epoch``): ASHA's max_t."""
+        return int(cfg.optim.epochs)
 
     def train(self, cfg: Any, options: RunOptions, storage: str, experiment: str
               ) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def run_search(method_name: str, cfg: Any, options: RunOptions, space: list[Dime
         "trials": trials,
         "metric": method.metric,
         "mode": method.mode,
-        "max_epochs": cfg.optim.epochs,
+        "max_epochs": method.max_epochs(cfg),
         "grace_period": grace_period,
         "seed": getattr(cfg, "seed", 0),
     }

@@ -45,8 +45,23 @@ class WorkerInfo:
         return self.rank == 0
 
 
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every report at INFO from a logger named by its file path, which
+    ``LoggingConfig`` does not reach; raylab's own progress and metrics.jsonl say the same.
+    ``RAYLAB_TRAIN_LOG_LEVEL=INFO`` brings it back (as for the rest of Train's logs)."""
+    import os
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    level = os.environ.get("RAYLAB_TRAIN_LOG_LEVEL", "WARNING").upper()
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def worker_info() -> WorkerInfo:
     """Rank, world size and the device Ray assigned to this worker."""
+    _quiet_report_log()
     ctx = ray.train.get_context()
     return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 

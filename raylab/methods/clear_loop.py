@@ -1,0 +1,105 @@
+"""The per-worker loop of a CLEAR run (Ray Train workers, or in-process with 0 workers).
+
+Everything but the Ray plumbing is :func:`raylab.continual.runner.run_stream`; this module
+builds the model and the row store, restores from the run's checkpoint, and turns each
+finished bucket into a report + checkpoint (before the stream actor is told, so that a
+restart never trains a bucket twice or skips one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def build_learner(cfg: Any, num_classes: int, input_size: int, device: torch.device
+                  ) -> tuple[nn.Module, Any]:
+    """The trainable model and the row store: a timm network over images, or a linear
+    classifier over a frozen DINO teacher's cached features."""
+    from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
+
+    images = ImageRows(cfg.data, input_size)
+    if not cfg.features:
+        import timm
+
+        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes), images
+    from raylab.methods.dino import load_backbone
+
+    backbone = load_backbone(cfg.features)
+    embed = FrozenEmbedding(backbone, device)
+    dim = int(embed(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8)).shape[-1])
+    return nn.Linear(dim, num_classes), FeatureRows(images, embed)
+
+
+def bucket_metrics(result: dict[str, Any], finished_rows: list[list[float | None]]
+                   ) -> dict[str, Any]:
+    """Metrics of one finished bucket, with running means over the rows of R so far.
+
+    ``finished_rows``: the rows of R of the buckets finished before this one.
+    """
+    i = result["index"]
+    row = [result["accuracies"][b] for b in sorted(result["accuracies"])]
+    rows = [list(r) for r in finished_rows] + [row]
+    nexts = [r[k + 1] for k, r in enumerate(rows) if k + 1 < len(r)]
+    seen = [r[j] for k, r in enumerate(rows) for j in range(k + 1)]
+    out = {
+        "epoch": i + 1,
+        "bucket": result["bucket"],
+        "train_loss": result["train"]["loss"],
+        "train_samples": result["train"]["samples"],
+        "replay_samples": result["train"]["replay_samples"],
+        "seconds": result["seconds"],
+        "in_domain_acc": row[i],
+        "seen_acc": sum(seen) / len(seen),
+    }
+    out.update({f"acc_bucket_{b}": a for b, a in sorted(result["accuracies"].items())})
+    if i + 1 < len(row):
+        out["next_acc"] = row[i + 1]
+    if nexts:
+        out["next_domain"] = sum(nexts) / len(nexts)
+    return out
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    from raylab.config import from_dict
+    from raylab.continual.runner import BucketSettings, run_stream
+    from raylab.continual.stream import ActorClient, get_stream
+    from raylab.methods.clear import ClearConfig, build_strategy
+    from raylab.runtime import worker as W
+
+    cfg = from_dict(ClearConfig, loop_config["config"])
+    info = W.worker_info()
+    torch.manual_seed(cfg.seed)
+    model, rows = build_learner(cfg, loop_config["num_classes"], loop_config["input_size"],
+                                info.device)
+    model = W.prepare_model(model)
+    strategy = build_strategy(cfg)
+    _, _, state = W.restore_latest(model=model)
+    resume = None
+    if state is not None:
+        extra = state["extra"]
+        strategy.load_state_dict(extra["strategy"])
+        resume = extra["stream"]
+    client = ActorClient(get_stream(loop_config["stream"], loop_config["namespace"]))
+    o = cfg.optim
+    settings = BucketSettings(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+                              momentum=o.momentum, weight_decay=o.weight_decay,
+                              precision=cfg.precision, padding=cfg.padding, seed=cfg.seed)
+    meta = loop_config["checkpoint_meta"]
+
+    def on_bucket(result: dict[str, Any]) -> None:
+        finished = client.metrics()["matrix"][:result["index"]]
+        extra = {"strategy": strategy.state_dict(),
+                 "stream": {"bucket": result["bucket"],
+                            "accuracies": {str(b): a for b, a in result["accuracies"].items()}}}
+        W.report(bucket_metrics(result, finished),
+                 {"model": model, "epoch": result["index"], "meta": meta, "extra": extra})
+
+    done = run_stream(client, rows, model, strategy, settings, info.device, rank=info.rank,
+                      world_size=info.world_size, reduce_sum=W.all_reduce_sum, resume=resume,
+                      on_bucket=on_bucket)
+    if not done and state is not None:
+        # Restored from the last bucket's checkpoint: nothing left, repeat its report.
+        W.finished_already(state, 1, 1)
