@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("experiment")
     analyze.add_argument("--json", action="store_true")
 
+    table = sub.add_parser("clear-table", help="the CLEAR paper's Table 1 from finished runs")
+    table.add_argument("experiments", nargs="+",
+                       help="CLEAR run folders, or folders holding them")
+    table.add_argument("--out", default=None, help="also write the table (markdown) here")
+    table.add_argument("--json", action="store_true", help="print the table as JSON")
+
     assess = sub.add_parser("assess", help="online skill assessment of one recording")
     assess.add_argument("file", help="JIGSAWS kinematics file (.txt or .txt.gz)")
     assess.add_argument("--checkpoint", required=True)
@@ -117,11 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures for BENCHMARKS.md)")
     bench.add_argument("name", choices=["train-overhead", "ingest", "latency", "scaling",
                                         "ingest-images", "convnext-cifar", "dino-cifar",
-                                        "dino-scaling"])
+                                        "dino-scaling", "clear-table"])
     bench.add_argument("--data", default=None,
                        help="JIGSAWS shards, or for image benches an image shard folder or "
                             "ImageFolder (default: a fresh sample, or the CIFAR-10 subset)")
     bench.add_argument("--epochs", type=int, default=3)
+    bench.add_argument("--features", default=None,
+                       help="clear-table: a DINO checkpoint for the frozen-feature rows")
+    bench.add_argument("--seeds", type=int, default=3, help="clear-table: seeds per cell")
+    bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
     demo.add_argument("--out", default="demo_output")
@@ -319,6 +329,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clear_table(args: argparse.Namespace) -> int:
+    from raylab.config import atomic_write_text
+    from raylab.methods.clear_table import (
+        build_table,
+        find_summaries,
+        format_markdown,
+        load_summaries,
+    )
+
+    table = build_table(load_summaries(find_summaries(args.experiments)))
+    text = format_markdown(table)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(json.dumps(table, indent=2) if args.json else text)
+    return 0
+
+
 def cmd_assess(args: argparse.Namespace) -> int:
     from raylab.methods.skill_assess import assess_file
 
@@ -329,6 +356,17 @@ def cmd_assess(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from raylab import bench
 
+    if args.name == "clear-table":
+        import tempfile
+
+        from raylab.bench_clear import bench_clear_table
+
+        with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
+            result = bench_clear_table(args.data, args.epochs, Path(tmp), args.features,
+                                       args.seeds, args.out)
+        result["date"] = time.strftime("%Y-%m-%d")
+        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=2))
+        return 0
     bench.run(args.name, data=args.data, epochs=args.epochs)
     return 0
 
@@ -341,7 +379,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"methods": cmd_methods, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
-            "analyze": cmd_analyze, "assess": cmd_assess, "bench": cmd_bench, "demo": cmd_demo}
+            "analyze": cmd_analyze, "clear-table": cmd_clear_table, "assess": cmd_assess,
+            "bench": cmd_bench, "demo": cmd_demo}
 
 
 def find_raylab_error(exc: BaseException) -> RaylabError | None:

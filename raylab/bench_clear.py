@@ -1,0 +1,151 @@
+"""``raylab bench clear-table``: the CLEAR Table-1 layout on the synthetic drift stream.
+
+Every strategy row, under both protocols, for several seeds, with a from-scratch timm
+network and (given ``--features``, a DINO checkpoint) a linear classifier over frozen
+features. Each run is the learner the TorchTrainer workers run
+(:func:`raylab.continual.runner.run_stream`) against a :class:`~raylab.continual.stream.
+StreamService` in this process, not through the Ray actor: the table measures the
+strategies, and 120 Ray runs would mostly measure Ray's start-up on 2 cores (the actor and
+the workers are tested in tests/integration/test_clear_ray.py). Images are decoded once and
+frozen features computed once for all runs. Each run writes a ``summary.json`` in the
+method's format, so ``raylab clear-table OUT`` rebuilds the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raylab import config as cfglib
+
+#: (Table-1 row, config overrides). Biased reservoir: each new bucket takes half of the
+#: buffer (a recency bias distinct from the plain reservoir's uniform share).
+ROWS: list[dict[str, Any]] = [
+    {"strategy": "finetune"},
+    {"strategy": "finetune", "buffer": "reservoir"},
+    {"strategy": "finetune", "buffer": "biased_reservoir", "buffer_alpha": 0.5},
+    {"strategy": "er"},
+    {"strategy": "ewc"},
+    {"strategy": "si"},
+    {"strategy": "lwf"},
+    {"strategy": "agem"},
+    {"strategy": "gdumb"},
+    {"strategy": "cwr"},
+]
+
+
+def stream_folder(data: str | None, tmp: Path) -> str:
+    """A converted stream: ``data`` itself, or the synthetic drift stream (11 buckets x 400
+    images) written from ``data`` or the CIFAR-10 subset."""
+    from raylab.data.clear import convert_clear, is_stream, write_clear_sample
+
+    if data and is_stream(data):
+        return str(Path(data).resolve())
+    src = Path(data) if data else Path(os.environ.get(
+        "RAYLAB_DATA", Path(__file__).parents[2] / "shared" / "data")) / "cifar10"
+    if not src.is_dir():
+        from raylab.data.imagefolder import write_image_sample
+
+        src = write_image_sample(tmp / "shapes", classes=10, train_per_class=300,
+                                 test_per_class=100)
+    write_clear_sample(src, tmp / "clear_raw", n_buckets=11, per_class_per_bucket=40, seed=0)
+    convert_clear(tmp / "clear_raw", tmp / "clear_stream")
+    return str(tmp / "clear_stream")
+
+
+def _one_run(cfg: Any, info: Any, store: Any, out: Path, device: torch.device) -> dict:
+    import timm
+    from torch import nn
+
+    from raylab.continual.rows import stream_rows
+    from raylab.continual.runner import BucketSettings, run_stream
+    from raylab.continual.stream import StreamService
+    from raylab.methods.clear import buffer_config, build_strategy, row_label
+
+    strategy = build_strategy(cfg)
+    flags = buffer_config(cfg, strategy, info.rows_per_bucket)
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / "stream_state.json"
+    if state.exists():
+        state.unlink()  # a bench run always starts afresh
+    service = StreamService(state, bucket_rows=stream_rows(cfg.data, info.buckets),
+                            protocol=cfg.protocol, train_fraction=cfg.train_fraction,
+                            seed=cfg.seed, **flags)
+    torch.manual_seed(cfg.seed)
+    if cfg.features:
+        dim = store.bucket(info.buckets[0])[0].shape[1]
+        model: nn.Module = nn.Linear(dim, len(info.class_names))
+    else:
+        model = timm.create_model(cfg.model, pretrained=False,
+                                  num_classes=len(info.class_names))
+    o = cfg.optim
+    settings = BucketSettings(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+                              momentum=o.momentum, weight_decay=o.weight_decay,
+                              padding=cfg.padding, seed=cfg.seed)
+    t0 = time.perf_counter()
+    run_stream(service, store, model.to(device), strategy, settings, device)
+    stream = service.metrics()
+    summary = {"method": "clear", "row": row_label(cfg), "strategy": cfg.strategy,
+               "protocol": cfg.protocol,
+               "backbone": f"frozen {Path(cfg.features).name}" if cfg.features else cfg.model,
+               "features": bool(cfg.features), "seed": cfg.seed, "buckets": stream["buckets"],
+               "matrix": stream["matrix"], "metrics": stream["metrics"],
+               "input_size": info.input_size, "seconds": round(time.perf_counter() - t0, 1),
+               "bench": "in-process StreamService (raylab bench clear-table)"}
+    cfglib.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | None = None,
+                      seeds: int = 3, out: str | None = None) -> dict[str, Any]:
+    """Every row x protocol x seed (x backbone); returns the table and the wall times."""
+    from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
+    from raylab.methods.clear import ClearConfig, load_stream
+    from raylab.methods.clear_table import build_table, format_markdown
+
+    stream = stream_folder(data, tmp)
+    root = Path(out) if out else tmp / "clear_table_runs"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbones = [("", None)] + ([(str(Path(features).resolve()), None)] if features else [])
+    result: dict[str, Any] = {"bench": "clear-table", "stream": stream, "epochs": epochs,
+                              "seeds": seeds, "device": str(device),
+                              "torch_threads": torch.get_num_threads(), "wall_s": {}}
+    summaries = []
+    for feature_ckpt, _ in backbones:
+        base = cfglib.apply_overrides(ClearConfig(), {
+            "data": stream, "features": feature_ckpt, "optim.epochs": epochs})
+        info = load_stream(base)
+        images = ImageRows(stream, info.input_size)
+        store: Any = images
+        if feature_ckpt:
+            from raylab.methods.dino import load_backbone
+
+            store = FeatureRows(images, FrozenEmbedding(load_backbone(feature_ckpt), device))
+        kind = "features" if feature_ckpt else "scratch"
+        t0 = time.perf_counter()
+        for row in ROWS:
+            for protocol in ("iid", "streaming"):
+                for seed in range(seeds):
+                    cfg = cfglib.apply_overrides(base, {**row, "protocol": protocol,
+                                                        "seed": seed})
+                    name = f"{kind}/{cfg.strategy}-{row.get('buffer') or 'own'}/{protocol}-s{seed}"
+                    s = _one_run(cfg, info, store, root / name, device)
+                    summaries.append(s)
+                    print(f"{kind:8s} {s['row']:30s} {protocol:9s} seed {seed}: next-domain "
+                          f"{s['metrics']['next_domain']:.3f} ({s['seconds']:.0f} s)",
+                          flush=True)
+        result["wall_s"][kind] = round(time.perf_counter() - t0, 1)
+    table = build_table(summaries)
+    result["table"] = table
+    result["markdown"] = format_markdown(table)
+    result["runs"] = str(root)
+    print(result["markdown"])
+    return result
+
+
+__all__ = ["ROWS", "bench_clear_table", "stream_folder"]
