@@ -12,8 +12,18 @@ the first epoch(s), step AdamW with cosine lr and weight-decay schedules, and mo
 teacher by an EMA with a cosine momentum schedule -> rank 0 evaluates the teacher's
 features with a weighted k-NN every ``eval_every`` epochs and a linear probe at the end.
 
+Data: an ImageFolder shard folder (``train_split``/``eval_split`` such as train/test) or a
+CLEAR stream folder, whose splits are its buckets' shard folders (``bucket_00``, ...). DINO
+trains on ``train_split`` without its labels, so that may be CLEAR's unlabeled bucket 0;
+the k-NN bank and the linear probe's training set come from ``knn_split`` (default: the
+train split), which must be labelled, and both are scored on ``eval_split``. CLEAR's
+"unsupervised representation" setting pre-trains on bucket 0::
+
+    raylab train dino --data STREAM --set train_split=bucket_00 --set knn_split=bucket_01 \
+        --set eval_split=bucket_02 ...
+
 The teacher's backbone is reusable as a frozen feature extractor by other methods via
-:func:`load_backbone`.
+:func:`load_backbone` (e.g. ``raylab train clear --set features=CHECKPOINT``).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from raylab.methods.base import Method
 from raylab.methods.image_data import (
     ImageData,
     encoded_images,
+    knn_split_name,
     load_image_data,
     transform_batch,
 )
@@ -99,8 +110,15 @@ class DINOConfig:
     warmup_teacher_temp_epochs: int = 30
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    #: Split DINO trains on (labels unused): e.g. ``train``, or ``bucket_00`` of a CLEAR
+    #: stream (its unlabeled pre-training bucket).
     train_split: str = "train"
+    #: Labelled split the k-NN accuracy and the linear probe are measured on.
     eval_split: str = "test"
+    #: Labelled split forming the k-NN bank and the linear probe's training set; "" uses
+    #: ``train_split`` (which must then be labelled), e.g. ``bucket_01`` of a CLEAR stream.
+    knn_split: str = ""
+    #: Share of the k-NN split held out (by a hash of the image path) as Tune's queries.
     val_fraction: float = 0.1
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -113,7 +131,8 @@ class DINOConfig:
     materialize_mb: int = 512
     cache_mb: int = 1024
     checkpoint_every: int = 5
-    #: Use only the first N training rows (0 = all), for training and as the k-NN bank.
+    #: Use only the first N training rows (0 = all), for training and, when the k-NN
+    #: split is the train split, as the k-NN bank.
     max_train_rows: int = 0
     optim: DINOOptimConfig = field(default_factory=DINOOptimConfig)
 
@@ -228,24 +247,34 @@ def eval_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None,
 
 def fit_run(cfg: DINOConfig, options: RunOptions, data: ImageData, storage: str, name: str,
             validate: bool, callbacks: list[Any] | None = None) -> Any:
-    """One TorchTrainer run; ``validate`` uses a hold-out of train as the k-NN queries."""
+    """One TorchTrainer run.
+
+    The k-NN bank (and the linear probe's training set) is the k-NN split; the queries are
+    the eval split, or with ``validate`` a hold-out of the k-NN split. When the k-NN split
+    is the train split, the hold-out is also kept out of training and ``max_train_rows``
+    limits the bank as well.
+    """
     from raylab.methods.dino_loop import train_loop
     from raylab.runtime.trainer import fit
 
+    shared = knn_split_name(cfg) == cfg.train_split
+    bank_limit = cfg.max_train_rows if shared else 0
+    train_rows = data.train_rows
     if validate:
+        train_hold_out = False if shared else None
+        if shared:
+            train_rows = int(data.train_rows * (1 - cfg.val_fraction))
         datasets = {
-            "train": crop_dataset(data.train_paths, cfg, False, cfg.max_train_rows),
-            "knn_bank": eval_dataset(data.train_paths, cfg, False, cfg.max_train_rows),
-            "knn_query": eval_dataset(data.train_paths, cfg, True),
+            "train": crop_dataset(data.train_paths, cfg, train_hold_out, cfg.max_train_rows),
+            "knn_bank": eval_dataset(data.knn_paths, cfg, False, bank_limit),
+            "knn_query": eval_dataset(data.knn_paths, cfg, True),
         }
-        train_rows = int(data.train_rows * (1 - cfg.val_fraction))
     else:
         datasets = {
             "train": crop_dataset(data.train_paths, cfg, None, cfg.max_train_rows),
-            "knn_bank": eval_dataset(data.train_paths, cfg, None, cfg.max_train_rows),
+            "knn_bank": eval_dataset(data.knn_paths, cfg, None, bank_limit),
             "knn_query": eval_dataset(data.eval_paths, cfg, None),
         }
-        train_rows = data.train_rows
     loop_config = {
         "config": cfglib.to_dict(cfg),
         "num_classes": len(data.class_names),
@@ -331,6 +360,9 @@ def summarise(cfg: DINOConfig, data: ImageData, result: Any, params: int, second
         "train_loss": float(m["train_loss"]),
         "img_per_s": float(m["img_per_s"]),
         "backbone_params": params,
+        "train_split": cfg.train_split,
+        "knn_split": knn_split_name(cfg),
+        "knn_rows": data.knn_rows,
         "eval_split": cfg.eval_split,
         "eval_rows": data.eval_rows,
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
@@ -340,9 +372,13 @@ def summarise(cfg: DINOConfig, data: ImageData, result: Any, params: int, second
 
 def attention_figures(checkpoint: str | Path, data: str, split: str, out: Path,
                       n_images: int = 4) -> list[Path]:
-    """CLS attention of each head of the teacher's last block, overlaid on a few images."""
+    """CLS attention of each head of the teacher's last block, overlaid on a few images.
+
+    ``data`` is an ImageFolder shard folder or a CLEAR stream (``split``: a bucket folder).
+    """
     import numpy as np
 
+    from raylab.data.clear import is_stream
     from raylab.data.shards import iter_rows
     from raylab.models.dino import cls_attention_maps
     from raylab.plots import plot_attention_maps
@@ -355,8 +391,12 @@ def attention_figures(checkpoint: str | Path, data: str, split: str, out: Path,
     meta_cfg = cfglib.from_dict(DINOConfig, load_meta(checkpoint)["config"])
     transform = build_transform(False, meta_cfg.img_size)
     rows = []
-    for row in iter_rows(data, columns=["image", "path", "split"]):
-        if row["split"] == split:
+    if is_stream(data):  # a bucket's shard folder holds that bucket only
+        source, columns = Path(data) / split, ["image", "path"]
+    else:
+        source, columns = Path(data), ["image", "path", "split"]
+    for row in iter_rows(source, columns=columns):
+        if row.get("split", split) == split:
             rows.append(row)
         if len(rows) == n_images:
             break
@@ -393,8 +433,9 @@ def write_report(cfg: DINOConfig, summary: dict[str, Any], folder: Path | None,
         "",
         f"k-NN top-1 {summary['knn_top1']:.4f} (k={cfg.knn_k}, T={cfg.knn_temperature}); "
         f"linear probe top-1 {summary['linear_top1']:.4f}; on {data.eval_rows} "
-        f"{cfg.eval_split} images with the {data.train_rows} {cfg.train_split} images as "
-        f"the bank, after {summary['epochs']} epochs.",
+        f"{cfg.eval_split} images with the {data.knn_rows} {knn_split_name(cfg)} images as "
+        f"the bank and probe training set, after {summary['epochs']} epochs of DINO on "
+        f"{data.train_rows} {cfg.train_split} images.",
         "",
         f"- crops: 2 x {cfg.img_size} px global + {cfg.n_local_crops} local",
         f"- teacher momentum {cfg.momentum_teacher} -> 1 (cosine), teacher temperature "

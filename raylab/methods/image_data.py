@@ -6,7 +6,9 @@ Driver side only (Ray Data); the per-row transforms themselves are pure torch in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from raylab.errors import ConfigError, DataError
@@ -14,42 +16,155 @@ from raylab.errors import ConfigError, DataError
 
 @dataclass
 class ImageData:
-    """What the driver knows about the shard folder before Ray starts."""
+    """What the driver knows about the data before Ray starts.
+
+    ``knn_paths``/``knn_rows``: the labelled split that forms the k-NN bank and the linear
+    probe's training set (DINO's ``knn_split``); left empty they are the train split's.
+    """
 
     class_names: list[str]
     train_paths: list[str]
     eval_paths: list[str]
     train_rows: int
     eval_rows: int
+    knn_paths: list[str] = field(default_factory=list)
+    knn_rows: int = -1
+
+    def __post_init__(self) -> None:
+        if not self.knn_paths:
+            self.knn_paths = list(self.train_paths)
+            if self.knn_rows < 0:
+                self.knn_rows = self.train_rows
 
 
-def load_image_data(cfg: Any) -> ImageData:
-    """Class names, shard paths and row counts of ``cfg.train_split``/``cfg.eval_split``."""
+@dataclass
+class _Splits:
+    """The splits of one dataset: shard paths, row counts, which are unlabeled."""
+
+    kind: str
+    names: list[str]
+    class_names: list[str]
+    rows: dict[str, int]
+    unlabeled: set[str]
+    #: Split name -> its absolute shard paths (read when called).
+    paths: Callable[[str], list[str]]
+
+
+def knn_split_name(cfg: Any) -> str:
+    """The split of the k-NN bank / linear probe: ``cfg.knn_split``, else ``train_split``."""
+    return getattr(cfg, "knn_split", "") or cfg.train_split
+
+
+def _imagefolder_splits(dst: str) -> _Splits:
     from raylab.data import imagefolder
     from raylab.data.shards import read_manifest
 
+    manifest = read_manifest(dst, expected_format=imagefolder.FORMAT)
+    extra = manifest.get("extra") or {}
+    counts = extra.get("counts") or {}
+    names = list(extra.get("split_shards") or counts)
+    return _Splits(
+        kind="image shard folder", names=names, class_names=imagefolder.class_names(dst),
+        rows={split: sum(counts.get(split, {}).values()) for split in names}, unlabeled=set(),
+        paths=lambda split: imagefolder.split_paths(dst, split))
+
+
+def _stream_splits(dst: str) -> _Splits:
+    """A CLEAR stream: one split per bucket, named by its shard folder (``bucket_00``)."""
+    from raylab.data.clear import read_stream_manifest
+    from raylab.data.shards import shard_paths
+
+    manifest = read_stream_manifest(dst)  # checks every bucket's shard folder once
+    folders = {b: manifest["bucket_dirs"][str(b)] for b in manifest["buckets"]}
+    unlabeled = set(manifest["unlabeled_buckets"])
+    return _Splits(
+        kind="CLEAR stream", names=list(folders.values()),
+        class_names=list(manifest["class_names"]),
+        rows={name: int(manifest["bucket_rows"][str(b)]) for b, name in folders.items()},
+        unlabeled={name for b, name in folders.items() if b in unlabeled},
+        paths=lambda split: shard_paths(Path(dst) / split))
+
+
+def _check_split(splits: _Splits, key: str, value: str) -> None:
+    if value not in splits.names:
+        raise ConfigError(f"config key {key!r}: {value!r} is not a split of this "
+                          f"{splits.kind}; available: {', '.join(splits.names) or 'none'}")
+
+
+def load_image_data(cfg: Any) -> ImageData:
+    """Class names, shard paths and row counts of the train, eval and k-NN splits.
+
+    ``cfg.data`` is an ImageFolder shard folder (splits such as ``train``/``test``) or a
+    CLEAR stream folder (one split per bucket, named by its shard folder: ``bucket_00``,
+    ``bucket_01``, ...). The eval split and the k-NN bank split (``cfg.knn_split`` where
+    the config has one, else the train split) must be labelled; the train split may be an
+    unlabeled bucket only when a labelled ``knn_split`` is set.
+
+    Raises:
+        ConfigError: No data, an unknown split name (the message lists the available
+            ones), the train and eval splits or the k-NN and eval splits coincide, or a
+            split that needs labels is unlabeled.
+        DataError: The data folder is malformed, or the train split has fewer rows than
+            ``optim.batch_size``.
+    """
+    from raylab.data.clear import is_stream
+
     if not cfg.data:
-        raise ConfigError("config key 'data': expected the image shard folder (--data DST)")
-    manifest = read_manifest(cfg.data, expected_format="imagefolder")
-    counts = manifest.get("extra", {}).get("counts", {})
-    rows = {split: sum(c.values()) for split, c in counts.items()}
+        raise ConfigError("config key 'data': expected the image shard folder or CLEAR "
+                          "stream folder (--data DST)")
+    splits = _stream_splits(cfg.data) if is_stream(cfg.data) else _imagefolder_splits(cfg.data)
+    has_knn = hasattr(cfg, "knn_split")
+    knn = knn_split_name(cfg)
+    _check_split(splits, "train_split", cfg.train_split)
+    _check_split(splits, "eval_split", cfg.eval_split)
+    if has_knn and cfg.knn_split:
+        _check_split(splits, "knn_split", cfg.knn_split)
     if cfg.train_split == cfg.eval_split:
         raise ConfigError(f"config keys 'train_split' and 'eval_split' are both "
                           f"{cfg.train_split!r}; evaluate on a different split")
-    train_rows = rows.get(cfg.train_split, 0)
+    if knn == cfg.eval_split:
+        raise ConfigError(f"config keys 'knn_split' and 'eval_split' are both {knn!r}; the "
+                          "k-NN bank and linear probe must not train on the eval split")
+    if cfg.eval_split in splits.unlabeled:
+        raise ConfigError(f"config key 'eval_split': {cfg.eval_split!r} is unlabeled; "
+                          f"choose a labelled split, e.g. "
+                          f"{_labelled_example(splits, cfg.train_split)}")
+    if knn in splits.unlabeled:
+        if not has_knn:
+            raise ConfigError(f"config key 'train_split': {knn!r} is unlabeled; choose a "
+                              f"labelled split, e.g. {_labelled_example(splits, cfg.eval_split)}")
+        if cfg.knn_split:
+            raise ConfigError(f"config key 'knn_split': {knn!r} is unlabeled; the k-NN bank "
+                              "and linear probe need labels, choose a labelled split, e.g. "
+                              f"{_labelled_example(splits, cfg.eval_split)}")
+        raise ConfigError(f"config key 'knn_split': the train split {knn!r} is unlabeled, "
+                          "so it cannot be the k-NN bank / linear-probe set; set knn_split "
+                          "to a labelled split, e.g. --set knn_split="
+                          f"{_labelled_example(splits, cfg.eval_split)}")
+    train_rows = splits.rows[cfg.train_split]
     if cfg.max_train_rows:
         train_rows = min(train_rows, cfg.max_train_rows)
+    paths = {name: splits.paths(name) for name in {cfg.train_split, cfg.eval_split, knn}}
     data = ImageData(
-        class_names=imagefolder.class_names(cfg.data),
-        train_paths=imagefolder.split_paths(cfg.data, cfg.train_split),
-        eval_paths=imagefolder.split_paths(cfg.data, cfg.eval_split),
+        class_names=splits.class_names,
+        train_paths=paths[cfg.train_split],
+        eval_paths=paths[cfg.eval_split],
         train_rows=train_rows,
-        eval_rows=rows.get(cfg.eval_split, 0),
+        eval_rows=splits.rows[cfg.eval_split],
+        knn_paths=paths[knn],
+        # The k-NN bank is the first max_train_rows rows when it is the train split.
+        knn_rows=train_rows if knn == cfg.train_split else splits.rows[knn],
     )
     if data.train_rows < cfg.optim.batch_size:
         raise DataError(f"split {cfg.train_split!r} has {data.train_rows} rows, fewer than "
                         f"optim.batch_size={cfg.optim.batch_size}", path=cfg.data)
     return data
+
+
+def _labelled_example(splits: _Splits, avoid: str) -> str:
+    """A labelled split other than ``avoid`` to suggest in a message."""
+    labelled = [s for s in splits.names if s not in splits.unlabeled]
+    return next((s for s in labelled if s != avoid), labelled[0] if labelled else "none")
 
 
 def _in_val(paths: Any, fraction: float) -> Any:
