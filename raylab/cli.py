@@ -420,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for bad input, a traceback only for real bugs
         err = find_raylab_error(exc)
         if err is None:
+            from raylab.errors import shard_read_error
+
+            err = shard_read_error(exc)  # a shard broke outside a Train run (driver reads)
+        if err is None:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"raylab: error: {message}", file=sys.stderr)

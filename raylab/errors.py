@@ -8,6 +8,9 @@ reading a traceback.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 class RaylabError(Exception):
@@ -46,3 +49,136 @@ class CheckpointError(RaylabError):
 
 class StorageError(RaylabError):
     """The storage path or URI cannot be used."""
+
+
+# ------------------------------------------------- shard read failures during training
+
+#: Words of the errors that reading a file raises (pyarrow, the file system), and of those
+#: that damaged Parquet data raises (then a full read may find the file).
+_READ_WORDS = ("could not open", "failed to open", "no such file", "not found", "corrupt",
+               "magic bytes", "deserializ", "unexpected end", "invalid", "ioerror",
+               "oserror", "arrowinvalid", "arrowioerror")
+_DAMAGE_WORDS = ("corrupt", "snappy", "zstd", "thrift", "deserializ", "unexpected end",
+                 "decompress", "invalid", "magic bytes")
+_SHARD_IN_TEXT = re.compile(r"""[^\s'"`(),\[\]{}<>]+\.parquet\b""")
+#: Local shards totalling at most this many MiB are read in full to find a damaged one
+#: when the error does not name it (after a failed run only).
+DEEP_CHECK_MB = 1024
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything Ray wrapped into it, each once.
+
+    Follows ``__cause__``/``__context__``, Ray's ``cause``, Ray Train's
+    ``worker_failures``, ``worker_group_error`` and ``controller_failure``.
+    """
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None),
+                  getattr(e, "worker_group_error", None), getattr(e, "controller_failure", None)]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+
+
+def exception_texts(exc: BaseException) -> list[str]:
+    """``"Type: message"`` of each exception in :func:`exception_chain`."""
+    texts = []
+    for e in exception_chain(exc):
+        try:
+            texts.append(f"{type(e).__name__}: {e}")
+        except Exception:  # a broken __str__ must not hide the original error
+            texts.append(type(e).__name__)
+    return texts
+
+
+def _probe_shard(path: str, deep: bool) -> str | None:
+    """What is wrong with a local Parquet file now (None: nothing found)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not os.path.exists(path):
+        return "the file is missing"
+    try:
+        with pq.ParquetFile(path) as pf:
+            if deep:
+                for _ in pf.iter_batches(batch_size=65536):
+                    pass
+    except (pa.ArrowException, OSError) as exc:
+        detail = " ".join(str(exc).replace(f"'{path}'", "").replace(path, "").split())
+        return f"unreadable Parquet data: {detail or type(exc).__name__}"
+    return None
+
+
+def _first_bad(paths: list[str], deep: bool) -> tuple[str | None, str | None]:
+    """The first of ``paths`` found missing or damaged, and what is wrong with it.
+
+    Footers first (cheap); then, with ``deep``, every row of every file.
+    """
+    for full in (False, True) if deep else (False,):
+        for path in paths:
+            problem = _probe_shard(path, full)
+            if problem:
+                return path, problem
+    return None, None
+
+
+def _reason_in_text(text: str, path: str) -> str:
+    """The end of the first line of ``text`` that names ``path``, as a short reason."""
+    for line in text.splitlines():
+        if path in line:
+            after = line.split(path, 1)[1].lstrip("'\": ").strip()
+            before = line.split(path, 1)[0].strip(" '\":")
+            reason = after or before.rsplit(":", 1)[-1].strip() or before
+            return " ".join(reason.split())[:200] or "could not be read"
+    return "could not be read"
+
+
+def shard_read_error(exc: BaseException, shards: Iterable[str] = (),
+                     run_dir: str | None = None) -> DataError | None:
+    """A DataError naming the shard file behind a failed run, or None if none is.
+
+    ``exc`` is what ``fit()`` (or Ray Data on the driver) raised; None when it holds a
+    :class:`RaylabError` (which says what is wrong already). ``shards`` are the
+    dataset's input files when known. The file is the first shard named in the error
+    text (pyarrow names the file it could not open), else a regex match ending in
+    ``.parquet``, else, when the error looks like a read error, a known local shard that
+    is now missing or unreadable (footers always; every row when the shards total at
+    most :data:`DEEP_CHECK_MB`). ``run_dir`` is named as where the run's checkpoints
+    and metrics remain.
+    """
+    if any(isinstance(e, RaylabError) for e in exception_chain(exc)):
+        return None  # raylab's own error says what is wrong already
+    text = "\n".join(exception_texts(exc))
+    known = [s for s in dict.fromkeys(shards) if s]
+    named = sorted((s for s in known if s in text), key=text.find)
+    if not named:
+        named = list(dict.fromkeys(_SHARD_IN_TEXT.findall(text)))
+    culprit = reason = None
+    for path in named:
+        problem = _probe_shard(path, deep=False) if "://" not in path else None
+        line = next((ln for ln in text.splitlines() if path in ln), "").lower()
+        if problem or any(word in line for word in _READ_WORDS):
+            culprit, reason = path, problem or _reason_in_text(text, path)
+            break
+    lowered = text.lower()
+    if culprit is None and any(word in lowered for word in (*_READ_WORDS, "parquet")):
+        local = [s for s in known if "://" not in s]
+        try:
+            total_mb = sum(os.path.getsize(s) for s in local if os.path.exists(s)) / 2**20
+        except OSError:
+            total_mb = float("inf")
+        deep = total_mb <= DEEP_CHECK_MB and any(w in lowered for w in _DAMAGE_WORDS)
+        culprit, reason = _first_bad(local, deep)
+    if culprit is None:
+        return None
+    kept = (f"; checkpoints and metrics written so far are kept in {run_dir}: restore "
+            "the file (or convert the dataset again) and rerun with the same --name to "
+            "resume") if run_dir else ""
+    return DataError(f"shard could not be read ({reason}){kept}", path=culprit)

@@ -210,11 +210,19 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher") -> nn.Module:
                               f"{meta.get('method')!r})")
     cfg = cfglib.from_dict(DINOConfig, meta["config"])
     state = load_checkpoint(checkpoint)
-    weights = state["ema" if which == "teacher" else "model"]
+    weights = state.get("ema" if which == "teacher" else "model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{checkpoint}: holds no {which} weights")
     prefix = "backbone."
     backbone = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size, **backbone_kwargs(cfg))
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                              if k.startswith(prefix)})
+    try:
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                  if k.startswith(prefix)})
+    except RuntimeError as exc:  # shapes or names that do not fit the saved config
+        lines = str(exc).strip().splitlines()
+        why = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{checkpoint}: the {which} weights do not fit a {cfg.arch} "
+                              f"backbone ({why})") from None
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)

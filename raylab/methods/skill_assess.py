@@ -52,7 +52,10 @@ class SkillAssessor:
         self.class_names = list(meta["class_names"])
         self.n_channels = int(meta["n_channels"])
         self.model = build_model(self.cfg, len(self.class_names), self.n_channels)
-        self.model.load_state_dict(load_checkpoint(checkpoint)["model"])
+        from raylab.runtime.checkpoint import restore_checkpoint
+
+        restore_checkpoint(load_checkpoint(checkpoint), model=self.model, restore_rng=False,
+                           where=str(checkpoint))
         self.model.eval()
         torch.set_num_threads(threads)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from raylab.errors import ConfigError, StorageError
 
 # Schemes pyarrow's filesystem layer (which Ray Train uses for storage) understands.
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
-MIN_FREE_BYTES = 50 * 2**20
+#: Free space a local --storage needs before a run starts; RAYLAB_MIN_FREE_MB overrides.
+DEFAULT_MIN_FREE_MB = 100.0
+MIN_FREE_ENV = "RAYLAB_MIN_FREE_MB"
 
 
 @dataclass
@@ -77,15 +80,61 @@ class RunOptions:
         else:
             path = Path(self.storage)
         path = path.expanduser().resolve()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path, prefix=".raylab-write-test"):
-                pass
-        except OSError as exc:
-            raise StorageError(f"--storage {path}: not writable ({exc.strerror})") from None
-        if shutil.disk_usage(path).free < MIN_FREE_BYTES:
-            raise StorageError(f"--storage {path}: less than 50 MiB free")
+        check_storage(path)
         return str(path)
+
+
+def min_free_mb() -> float:
+    """The free space (MiB) local storage needs: ``$RAYLAB_MIN_FREE_MB`` or 100."""
+    text = os.environ.get(MIN_FREE_ENV, "").strip()
+    if not text:
+        return DEFAULT_MIN_FREE_MB
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{MIN_FREE_ENV}: expected a number of MiB >= 0, got {text!r}")
+    return value
+
+
+def check_storage(path: str | os.PathLike, need_mb: float | None = None) -> Path:
+    """Check, before any worker starts, that a local storage folder can take a run.
+
+    Creates ``path`` (and its parents) if needed, writes, flushes and deletes a small
+    probe file, and checks the free space against ``need_mb`` (default
+    :func:`min_free_mb`). Failing here beats losing a run's first checkpoint.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        StorageError: ``--storage PATH: ...`` saying what is wrong: a file in the way,
+            not writable (read-only file system, permission denied, ...), or too little
+            free space (how much there is and how much is needed).
+    """
+    path = Path(path)
+    need = min_free_mb() if need_mb is None else need_mb
+    where = f"--storage {path}"
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{where}: not writable (it is a file, expected a directory)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".raylab-write-test") as probe:
+            probe.write(b"raylab storage check\n")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise StorageError(f"{where}: not writable ({exc.strerror or exc})") from None
+    try:
+        free = shutil.disk_usage(path).free / 2**20
+    except OSError as exc:
+        raise StorageError(f"{where}: cannot read its free space ({exc.strerror or exc})"
+                           ) from None
+    if free < need:
+        raise StorageError(f"{where}: not enough free space ({free:.0f} MiB free, need "
+                           f"{need:.0f} MiB; {MIN_FREE_ENV} sets the minimum)")
+    return path
 
 
 def local_path(storage: str, *parts: str) -> Path | None:

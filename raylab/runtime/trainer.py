@@ -9,7 +9,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raylab.errors import StorageError
+from raylab.errors import RaylabError, StorageError, shard_read_error
 from raylab.runtime.logging_callback import MetricsLogger
 from raylab.runtime.options import RunOptions, local_path
 
@@ -69,8 +69,9 @@ def fit(
                 log_level=os.environ.get("RAYLAB_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
+    run_dir = str(folder) if folder is not None else f"{storage.rstrip('/')}/{name}"
     if options.workers > 0:
-        return trainer.fit()
+        return _fit_naming_shards(trainer, datasets, run_dir)
     from raylab.runtime import worker
 
     if folder is None:
@@ -78,7 +79,37 @@ def fit(
     folder.mkdir(parents=True, exist_ok=True)
     worker.LOCAL_RUN_DIR = folder
     try:
-        result = trainer.fit()
+        result = _fit_naming_shards(trainer, datasets, run_dir)
     finally:
         worker.LOCAL_RUN_DIR = None
     return result
+
+
+def dataset_files(datasets: dict[str, Any]) -> list[str]:
+    """The input files of the datasets, as far as Ray Data knows them (best effort)."""
+    files: list[str] = []
+    for ds in datasets.values():
+        try:
+            files += [str(f) for f in ds.input_files()]
+        except Exception:  # not a Ray Dataset, or Ray Data cannot tell
+            continue
+    return list(dict.fromkeys(files))
+
+
+def _fit_naming_shards(trainer: TorchTrainer, datasets: dict[str, Any], run_dir: str
+                       ) -> ray.train.Result:
+    """``trainer.fit()``; a failure to read a shard becomes a DataError naming the file.
+
+    A shard deleted or damaged after the run started fails a Ray Data read task inside
+    a worker; Ray Train reports that as a long worker traceback. The files the run wrote
+    so far (checkpoints, metrics.jsonl) stay where they are; the error says so.
+    """
+    try:
+        return trainer.fit()
+    except RaylabError:
+        raise
+    except Exception as exc:
+        error = shard_read_error(exc, dataset_files(datasets), run_dir)
+        if error is None:
+            raise
+        raise error from exc
