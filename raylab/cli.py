@@ -19,8 +19,10 @@ from raylab.errors import RaylabError
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scale-out and storage")
-    g.add_argument("--workers", type=int, default=1,
-                   help="data-parallel Train workers (0 = in the driver process)")
+    g.add_argument("--workers", default="1",
+                   help="data-parallel Train workers: N, or MIN-MAX for an elastic run that "
+                        "continues on fewer workers after a lost node (0 = in the driver "
+                        "process)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
     g.add_argument("--gpus-per-worker", type=float, default=0.0)
     g.add_argument("--storage", default=os.environ.get("RAYLAB_STORAGE", "runs"),
@@ -140,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace, method: str) -> tuple[Any, str]:
-    from raylab.runtime.options import RunOptions
+    from raylab.runtime.options import RunOptions, parse_workers
 
-    opts = RunOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+    workers, max_workers = parse_workers(args.workers)
+    opts = RunOptions(workers=workers, max_workers=max_workers,
+                      cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, storage=args.storage,
                       name=args.name, max_failures=args.max_failures)
     opts.validate()

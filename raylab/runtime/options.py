@@ -25,7 +25,12 @@ class RunOptions:
 
     Attributes:
         workers: data-parallel Train workers; 0 runs the loop in the driver process
-            (Ray Train's in-process mode, handy for debugging and quick tests).
+            (Ray Train's in-process mode, handy for debugging and quick tests). With
+            ``max_workers`` it is the elastic minimum.
+        max_workers: 0 for a fixed worker count; else the run is elastic
+            (``--workers MIN-MAX``): it starts with as many workers as the cluster fits, up
+            to this, and after a lost node continues on fewer (at least ``workers``)
+            instead of waiting for a replacement.
         cpus_per_worker: CPUs per worker; Ray sets the worker's torch thread count to it.
         gpus_per_worker: GPUs per worker (0 = CPU training).
         storage: local folder or ``s3://``/``gs://`` URI (shared storage on a cluster).
@@ -34,6 +39,7 @@ class RunOptions:
     """
 
     workers: int = 1
+    max_workers: int = 0
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     storage: str = "runs"
@@ -43,6 +49,9 @@ class RunOptions:
     def validate(self) -> None:
         if self.workers < 0:
             raise ConfigError(f"--workers: expected an integer >= 0, got {self.workers}")
+        if self.max_workers and not 1 <= self.workers <= self.max_workers:
+            raise ConfigError(f"--workers {self.workers}-{self.max_workers}: expected MIN-MAX "
+                              "with 1 <= MIN <= MAX")
         # Written so that NaN fails too (every comparison with NaN is false).
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
             raise ConfigError(f"--cpus-per-worker: expected > 0, got {self.cpus_per_worker}")
@@ -52,6 +61,11 @@ class RunOptions:
             raise ConfigError(f"--max-failures: expected >= -1, got {self.max_failures}")
         if self.name and ("/" in self.name or self.name.startswith(".")):
             raise ConfigError(f"--name: expected a plain folder name, got {self.name!r}")
+
+    @property
+    def peak_workers(self) -> int:
+        """The most workers the run may use at once."""
+        return max(self.workers, self.max_workers)
 
     @property
     def is_remote(self) -> bool:
@@ -144,3 +158,20 @@ def local_path(storage: str, *parts: str) -> Path | None:
     return Path(storage, *parts)
 
 
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    """``--workers`` text: ``"N"`` -> ``(N, 0)`` (fixed), ``"MIN-MAX"`` -> ``(MIN, MAX)``.
+
+    Raises:
+        ConfigError: Anything else.
+    """
+    lo, sep, hi = str(text).strip().partition("-")
+    try:
+        workers, most = int(lo), int(hi) if sep else 0
+    except ValueError:
+        raise ConfigError(f"--workers: expected N or MIN-MAX (e.g. 2 or 1-4), got {text!r}"
+                          ) from None
+    if sep and most == workers:
+        most = 0  # "2-2" is a fixed size
+    return workers, most

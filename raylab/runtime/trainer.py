@@ -20,7 +20,8 @@ def scaling_config(options: RunOptions) -> ray.train.ScalingConfig:
     if options.gpus_per_worker:
         resources["GPU"] = options.gpus_per_worker
     return ray.train.ScalingConfig(
-        num_workers=options.workers,
+        num_workers=((options.workers, options.max_workers) if options.max_workers
+                     else options.workers),
         use_gpu=options.gpus_per_worker > 0,
         resources_per_worker=resources if options.workers else None,
     )

@@ -52,10 +52,10 @@ def concurrency_cap(options: RunOptions, resources: dict[str, float]) -> int:
     Each trial needs its workers plus one CPU for its Ray Data input tasks; without that
     CPU, concurrent trials take every slot and their input pipelines wait forever.
     """
-    per_trial_cpus = max(options.workers, 1) * options.cpus_per_worker + 1.0
+    per_trial_cpus = max(options.peak_workers, 1) * options.cpus_per_worker + 1.0
     cap = int(resources.get("CPU", 1) // per_trial_cpus)
     if options.gpus_per_worker:
-        gpus = max(options.workers, 1) * options.gpus_per_worker
+        gpus = max(options.peak_workers, 1) * options.gpus_per_worker
         cap = min(cap, int(resources.get("GPU", 0) // gpus))
     return max(cap, 1)
 

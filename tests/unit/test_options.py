@@ -105,3 +105,34 @@ def test_existing_file_as_storage(tmp_path: Path) -> None:
 
 def test_local_path() -> None:
     assert local_path("/data/runs", "exp", "fold") == Path("/data/runs/exp/fold")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2", (2, 0)), ("0", (0, 0)), ("1-4", (1, 4)), (" 2-2 ", (2, 0))])
+def test_parse_workers(text: str, expected: tuple[int, int]) -> None:
+    from raylab.runtime.options import parse_workers
+
+    assert parse_workers(text) == expected
+
+
+@pytest.mark.parametrize("text", ["two", "1-", "-1", "1-x", "1.5"])
+def test_parse_workers_rejects(text: str) -> None:
+    from raylab.errors import ConfigError
+    from raylab.runtime.options import parse_workers
+
+    with pytest.raises(ConfigError, match="--workers: expected N or MIN-MAX"):
+        parse_workers(text)
+
+
+def test_elastic_workers_validate_and_map_to_a_range() -> None:
+    from raylab.errors import ConfigError
+    from raylab.runtime.trainer import scaling_config
+
+    opts = RunOptions(workers=1, max_workers=3)
+    opts.validate()
+    assert opts.peak_workers == 3
+    assert scaling_config(opts).num_workers == (1, 3)
+    assert scaling_config(RunOptions(workers=2)).num_workers == 2
+    for bad in (RunOptions(workers=3, max_workers=2), RunOptions(workers=0, max_workers=2)):
+        with pytest.raises(ConfigError, match="MIN-MAX"):
+            bad.validate()
