@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data root, a synthetic JIGSAWS sample, one local Ray cluster."""
+"""Shared fixtures: the real data root, synthetic JIGSAWS and CLEAR samples, one local Ray
+cluster."""
 
 from __future__ import annotations
 
@@ -29,6 +30,32 @@ def sample_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_sample(root / "raw", seed=0)
     convert_jigsaws(root / "raw", root / "shards")
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_jigsaws_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two short Suturing trials of two subjects: enough for checks that stop before Ray."""
+    from raylab.data.jigsaws import convert_jigsaws, write_sample
+
+    root = tmp_path_factory.mktemp("tiny_jigsaws")
+    raw = write_sample(root / "raw", tasks=("Suturing",), subjects="BD", trials=(1, 2),
+                       frames=(100, 120))
+    convert_jigsaws(raw, root / "shards")
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_clear_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SYNTHETIC CLEAR stream: 5 buckets (bucket 0 unlabeled) of ~24 shape images (4
+    classes, 32 px), drawn from the project's own image sample."""
+    from raylab.data.clear import convert_clear, write_clear_sample
+    from raylab.data.imagefolder import write_image_sample
+
+    root = tmp_path_factory.mktemp("tiny_clear")
+    src = write_image_sample(root / "shapes", classes=4, train_per_class=40, test_per_class=10)
+    write_clear_sample(src, root / "raw", n_buckets=5, per_class_per_bucket=6, seed=0)
+    convert_clear(root / "raw", root / "stream")
+    return root / "stream"
 
 
 @pytest.fixture(scope="session")

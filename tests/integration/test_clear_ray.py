@@ -25,15 +25,8 @@ SMALL = ["--set", "model=test_resnet", "--set", "input_size=16", "--set", "optim
 
 
 @pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from raylab.data.clear import convert_clear, write_clear_sample
-    from raylab.data.imagefolder import write_image_sample
-
-    root = tmp_path_factory.mktemp("clear_ray")
-    src = write_image_sample(root / "shapes", classes=4, train_per_class=40, test_per_class=10)
-    write_clear_sample(src, root / "raw", n_buckets=5, per_class_per_bucket=6, seed=0)
-    convert_clear(root / "raw", root / "stream")
-    return root / "stream"
+def stream(tiny_clear_stream: Path) -> Path:
+    return tiny_clear_stream
 
 
 def _rows(run: Path) -> list[dict]:

@@ -219,14 +219,8 @@ def no_ray(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from raylab.data.jigsaws import convert_jigsaws, write_sample
-
-    root = tmp_path_factory.mktemp("hygiene_jigsaws")
-    raw = write_sample(root / "raw", tasks=("Suturing",), subjects="BD", trials=(1, 2),
-                       frames=(100, 120))
-    convert_jigsaws(raw, root / "shards")
-    return root / "shards"
+def shards(tiny_jigsaws_shards: Path) -> Path:
+    return tiny_jigsaws_shards
 
 
 TOUCH = '__import__("os").system("touch X")'

@@ -22,20 +22,14 @@ from raylab.continual.rows import (
 from raylab.continual.runner import BucketSettings, run_stream
 from raylab.continual.strategies import build_strategy
 from raylab.continual.stream import StreamError, StreamService, strategy_flags
-from raylab.data.clear import bucket_paths, convert_clear, write_clear_sample
-from raylab.data.imagefolder import write_image_sample
+from raylab.data.clear import bucket_paths
 from raylab.methods.clear_loop import bucket_metrics
 from raylab.transforms.batch_aug import pad_crop_flip
 
 
 @pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """5 buckets (bucket 0 unlabeled), 4 shape classes, ~24 images per bucket, 32 px."""
-    root = tmp_path_factory.mktemp("clear_runner")
-    src = write_image_sample(root / "shapes", classes=4, train_per_class=40, test_per_class=10)
-    write_clear_sample(src, root / "raw", n_buckets=5, per_class_per_bucket=6, seed=0)
-    convert_clear(root / "raw", root / "stream")
-    return root / "stream"
+def stream(tiny_clear_stream: Path) -> Path:
+    return tiny_clear_stream
 
 
 def test_row_ids_round_trip() -> None:

@@ -18,7 +18,6 @@ import pytest
 import raylab.runtime.cluster
 import raylab.runtime.options as options
 from raylab.cli import main
-from raylab.data.jigsaws import convert_jigsaws, write_sample
 from raylab.errors import ConfigError, StorageError
 from raylab.runtime.options import MIN_FREE_ENV, RunOptions, check_storage, min_free_mb
 
@@ -163,12 +162,8 @@ def test_remote_storage_is_not_probed(uri: str, monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("storage_check")
-    raw = write_sample(root / "raw", tasks=("Suturing",), subjects="BD", trials=(1, 2),
-                       frames=(100, 120))
-    convert_jigsaws(raw, root / "shards")
-    return root / "shards"
+def shards(tiny_jigsaws_shards: Path) -> Path:
+    return tiny_jigsaws_shards
 
 
 @pytest.mark.parametrize("command", ["train", "tune"])
