@@ -238,3 +238,34 @@ def test_two_learners_share_a_bucket_and_agree(stream: Path, tmp_path: Path) -> 
     test = svc.test_ids(1, 0, 2) + svc.test_ids(1, 1, 2)
     assert sorted(test) == sorted(svc.test_ids(1))
     assert np.intersect1d(test, info0["train_ids"] + info1["train_ids"]).size == 0
+
+
+def test_frozen_dino_features_feed_a_linear_learner(stream: Path, tmp_path: Path) -> None:
+    """The "unsupervised representation" rows: a DINO checkpoint's teacher is frozen, each
+    bucket embedded once, and only a linear classifier trains."""
+    from raylab import config as cfglib
+    from raylab.methods.clear import ClearConfig, load_stream
+    from raylab.methods.clear_loop import build_learner
+    from raylab.methods.dino import DINOConfig, build_student_teacher
+    from raylab.runtime.checkpoint import save_checkpoint
+
+    dino = cfglib.apply_overrides(DINOConfig(), {
+        "arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 8, "depth": 1,
+        "out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8})
+    student, teacher = build_student_teacher(dino)
+    ckpt = save_checkpoint(tmp_path / "dino", model=student, ema=teacher,
+                           meta={"method": "dino", "config": cfglib.to_dict(dino)})
+    cfg = cfglib.apply_overrides(ClearConfig(), {"data": str(stream), "features": str(ckpt),
+                                                 "strategy": "lwf"})
+    info = load_stream(cfg)
+    assert info.input_size == 16  # the DINO model's size, not the stream's 32 px
+    model, rows = build_learner(cfg, len(info.class_names), info.input_size, "cpu")
+    assert isinstance(model, nn.Linear) and model.in_features == 192  # ViT-Tiny width
+    x, y = rows.fetch([row_id(1, 0), row_id(2, 1)])
+    assert x.shape == (2, 192) and x.dtype == torch.float32 and y.shape == (2,)
+    svc, strategy = _service(stream, tmp_path / "s.json", "lwf")
+    run_stream(svc, rows, model, strategy, SETTINGS, "cpu")
+    assert svc.metrics()["complete"]
+    # The backbone stayed frozen: the checkpoint's teacher equals what embeds the rows.
+    frozen = rows.embed.backbone
+    assert not any(p.requires_grad for p in frozen.parameters())
