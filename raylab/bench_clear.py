@@ -102,8 +102,13 @@ def _one_run(cfg: Any, info: Any, store: Any, out: Path, device: torch.device) -
 
 
 def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | None = None,
-                      seeds: int = 3, out: str | None = None) -> dict[str, Any]:
-    """Every row x protocol x seed (x backbone); returns the table and the wall times."""
+                      seeds: int = 3, out: str | None = None,
+                      only: list[str] | None = None) -> dict[str, Any]:
+    """Every row x protocol x seed (x backbone); returns the table and the wall times.
+
+    ``only`` keeps the rows of these strategies (e.g. to redo one row into ``out``); the
+    table then covers every run found in ``out``.
+    """
     from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
     from raylab.methods.clear import ClearConfig, load_stream
     from raylab.methods.clear_table import build_table, format_markdown
@@ -129,6 +134,8 @@ def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | 
         kind = "features" if feature_ckpt else "scratch"
         t0 = time.perf_counter()
         for row in ROWS:
+            if only and row["strategy"] not in only:
+                continue
             for protocol in ("iid", "streaming"):
                 for seed in range(seeds):
                     cfg = cfglib.apply_overrides(base, {**row, "protocol": protocol,
@@ -140,6 +147,10 @@ def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | 
                           f"{s['metrics']['next_domain']:.3f} ({s['seconds']:.0f} s)",
                           flush=True)
         result["wall_s"][kind] = round(time.perf_counter() - t0, 1)
+    if only and out:
+        from raylab.methods.clear_table import find_summaries, load_summaries
+
+        summaries = load_summaries(find_summaries([root]))
     table = build_table(summaries)
     result["table"] = table
     result["markdown"] = format_markdown(table)

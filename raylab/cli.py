@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clear-table: a DINO checkpoint for the frozen-feature rows")
     bench.add_argument("--seeds", type=int, default=3, help="clear-table: seeds per cell")
     bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
+    bench.add_argument("--only", nargs="+", default=None, metavar="STRATEGY",
+                       help="clear-table: run only these strategies' rows (into --out)")
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
     demo.add_argument("--out", default="demo_output")
@@ -367,7 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
             result = bench_clear_table(args.data, args.epochs, Path(tmp), args.features,
-                                       args.seeds, args.out)
+                                       args.seeds, args.out, args.only)
         result["date"] = time.strftime("%Y-%m-%d")
         print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=2))
         return 0

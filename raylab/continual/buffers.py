@@ -10,6 +10,7 @@ and numpy's PCG64 state), so that a restarted actor resumes exactly where it sto
   The CLEAR paper's "Finetuning (reservoir)", ER and AGEM rows use it.
 - :class:`BiasedReservoirBuffer`: bucket-level sampling biased toward the latest bucket
   ("Finetuning (biased reservoir)"); the rule is in the class docstring.
+- :class:`ExperienceBalancedBuffer`: each bucket keeps ``1/t`` of the buffer (ER's memory).
 - :class:`ClassBalancedBuffer`: GDumb's greedy class-balancing sampler (Prabhu et al., ECCV
   2020; avalanche ``GDumbPlugin``).
 
@@ -316,9 +317,22 @@ class ClassBalancedBuffer(ReplayBuffer):
         self._slots = {int(c): [int(i) for i in s] for c, s in state["slots"].items()}
 
 
+class ExperienceBalancedBuffer(BiasedReservoirBuffer):
+    """Every bucket keeps about ``1/t`` of the buffer after ``t`` buckets: the dynamic
+    biased reservoir under its own name. This is ER's memory, as avalanche's ``Replay``
+    plugin keeps an experience-balanced buffer by default (the CLEAR authors ran ER with
+    it); the eviction is uniform over stored rows, so the balance holds in expectation."""
+
+    kind = "experience_balanced"
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__(capacity, alpha=None, dynamic=True, seed=seed)
+
+
 BUFFERS: dict[str, type[ReplayBuffer]] = {
     "reservoir": ReservoirBuffer,
     "biased_reservoir": BiasedReservoirBuffer,
+    "experience_balanced": ExperienceBalancedBuffer,
     "class_balanced": ClassBalancedBuffer,
 }
 

@@ -244,10 +244,24 @@ def test_class_balanced_state_round_trip() -> None:
 
 
 def test_build_buffer_registry() -> None:
-    assert set(BUFFERS) == {"reservoir", "biased_reservoir", "class_balanced"}
+    assert set(BUFFERS) == {"reservoir", "biased_reservoir", "experience_balanced",
+                            "class_balanced"}
     assert isinstance(build_buffer("reservoir", 5, seed=1), ReservoirBuffer)
     assert build_buffer("biased_reservoir", 5, alpha=0.5).alpha == 0.5
     with pytest.raises(ConfigError, match="unknown replay buffer 'fifo'"):
         build_buffer("fifo", 5)
     with pytest.raises(ConfigError, match="bad parameters for the 'reservoir' buffer"):
         build_buffer("reservoir", 5, alpha=0.5)
+
+
+def test_experience_balanced_buffer_gives_each_bucket_its_share() -> None:
+    """After t equal buckets each keeps about capacity / t rows; the state round-trips."""
+    buf = build_buffer("experience_balanced", 120, seed=3)
+    for t in range(4):
+        buf.add(np.arange(1000 * t, 1000 * t + 200), np.zeros(200, dtype=np.int64))
+    shares = np.bincount(buf.ids() // 1000, minlength=4)
+    assert len(buf) == 120 and shares[3] == 30  # the newest takes exactly 1/t
+    assert all(abs(s - 30) <= 8 for s in shares)  # the older ones, in expectation
+    twin = buffer_from_state(json.loads(json.dumps(buf.state_dict())))
+    assert type(twin).__name__ == "ExperienceBalancedBuffer"
+    assert twin.ids().tolist() == buf.ids().tolist()

@@ -156,7 +156,7 @@ def test_flags_tell_the_caller_what_to_do() -> None:
     for name, cls in STRATEGIES.items():
         assert cls.from_scratch == cls.trains_on_buffer == (name == "gdumb")
     assert build_strategy("gdumb").buffer_kind == "class_balanced"
-    assert build_strategy("er").buffer_kind == "reservoir"
+    assert build_strategy("er").buffer_kind == "experience_balanced"
     assert build_strategy("agem").buffer_kind == "reservoir"
     assert build_strategy("finetune").buffer_kind is None
     assert build_strategy("finetune", replay_ratio=1.0).buffer_kind == "reservoir"
@@ -502,6 +502,18 @@ def test_cwr_needs_class_counts_and_freezes_the_backbone_in_eval_mode() -> None:
     train_bucket(model, cwr, b0, opt, "cpu", bucket=Bucket.from_labels(1, labels_of(b0)))
     assert torch.equal(model[0].weight, first)  # frozen after the first bucket
     assert not model[1].training and model[2].training
+
+
+def test_cwr_on_a_bare_linear_model_keeps_training_it() -> None:
+    """A linear probe on frozen features is its own output layer: nothing to freeze."""
+    model = nn.Linear(2, 3)
+    cwr = CWRStar()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    b0 = make_bucket(0)
+    for index in (0, 1):
+        train_bucket(model, cwr, b0, opt, "cpu", bucket=Bucket.from_labels(index, labels_of(b0)))
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.bias.abs().sum() > 0  # the bias trained too (CWR* resets only weights)
 
 
 # --- GDumb -----------------------------------------------------------------------------

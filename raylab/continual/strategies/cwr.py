@@ -88,6 +88,8 @@ class CWRStar(Strategy):
         self.current_counts: dict[int, int] = {}
 
     def _freeze_others(self, model: nn.Module, head_name: str) -> None:
+        if head_name == "":
+            return  # the model is its output layer (a linear probe on frozen features)
         net = unwrap(model)
         for name, module in net.named_modules():
             if name == head_name or head_name.startswith(name + ".") or name == "":
@@ -140,7 +142,7 @@ class CWRStar(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(),
                 "consolidated": clone_tensors({str(c): w for c, w in self.consolidated.items()}),
-                    "past_counts": {str(c): n for c, n in self.past_counts.items()},
+                "past_counts": {str(c): n for c, n in self.past_counts.items()},
                 "current_counts": {str(c): n for c, n in self.current_counts.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

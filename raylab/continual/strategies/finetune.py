@@ -9,7 +9,8 @@ The CLEAR table's "Finetuning (reservoir)" and "Finetuning (biased reservoir)" r
 :class:`Finetune` with ``replay_ratio=1`` and a :class:`~raylab.continual.buffers.
 ReservoirBuffer` / :class:`~raylab.continual.buffers.BiasedReservoirBuffer` updated after
 each bucket (the CLEAR authors' ``CustomReplay`` plugin); their "ER" row is :class:`ER`
-(avalanche ``Replay``; Rolnick et al. 2019, Chaudhry et al. 2019).
+(avalanche ``Replay``, whose memory is experience-balanced; Rolnick et al. 2019, Chaudhry
+et al. 2019).
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ class Finetune(Strategy):
 
 
 class ER(Finetune):
-    """Experience replay: every batch is extended by as many buffer rows (ratio 1)."""
+    """Experience replay: every batch is extended by as many buffer rows (ratio 1), from an
+    experience-balanced memory (avalanche ``Replay``'s default); the "Finetuning
+    (reservoir)" row differs only in its buffer (a uniform reservoir)."""
 
     name = "er"
+    default_buffer = "experience_balanced"
 
     def __init__(self, replay_ratio: float = 1.0) -> None:
         super().__init__(replay_ratio)
