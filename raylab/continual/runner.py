@@ -15,7 +15,7 @@ Order per bucket ``t`` (what makes a restart safe):
 3. evaluation on every labelled bucket's test rows; the per-bucket counts are summed over
    workers with one all-reduce, so every worker holds the same accuracies;
 4. ``on_bucket(result)``: the caller reports and checkpoints (model, strategy state and the
-   accuracies of ``t``);
+   accuracies of ``t``), then all workers wait for each other (a collective);
 5. ``client.finish_bucket(t, accuracies)`` from every worker: the first call records row
    ``R[t]`` and advances the cursor, the others are no-ops (the stream accepts an identical
    repeat).
@@ -232,6 +232,11 @@ def run_stream(
                   "seconds": time.perf_counter() - t0}
         if on_bucket is not None:
             on_bucket(result)
+        if world_size > 1:
+            # A collective as a barrier: no worker tells the stream before every worker's
+            # on_bucket returned, i.e. before rank 0's checkpoint is fully written (Ray
+            # Train's report does not wait for the other ranks).
+            reduce_sum(torch.zeros(1))
         client.finish_bucket(t, accuracies)
         results.append(result)
 

@@ -258,13 +258,13 @@ def fit_run(cfg: ClearConfig, options: RunOptions, info: StreamInfo, storage: st
     actor = start_stream_actor(cfg, info, folder / STATE_FILE, actor_name)
     loop_config = {"config": cfglib.to_dict(cfg), "num_classes": len(info.class_names),
                    "input_size": info.input_size, "stream": actor_name,
-                   "namespace": NAMESPACE,
+                   "namespace": NAMESPACE, "run_dir": str(folder),
                    "checkpoint_meta": {"method": "clear", "config": cfglib.to_dict(cfg),
                                        "class_names": info.class_names,
                                        "input_size": info.input_size}}
     try:
         result = fit(train_loop, loop_config, {}, options, storage=storage, name=run_name,
-                     callbacks=callbacks, keep_checkpoints=1)
+                     callbacks=callbacks, keep_checkpoints=2)
         stream = ray.get(actor.metrics.remote())
     finally:
         ray.kill(actor, no_restart=True)

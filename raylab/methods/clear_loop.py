@@ -62,6 +62,52 @@ def bucket_metrics(result: dict[str, Any], finished_rows: list[list[float | None
     return out
 
 
+def checkpoint_bucket(state: dict[str, Any] | None) -> int | None:
+    """The bucket a checkpoint was taken after (None: no checkpoint)."""
+    return None if state is None else int(state["extra"]["stream"]["bucket"])
+
+
+def catch_up(stream: dict[str, Any], state: dict[str, Any] | None, run_dir: str,
+             model: nn.Module) -> dict[str, Any] | None:
+    """Reconcile the stream with the checkpoint a (re)started worker restored.
+
+    Each bucket is checkpointed (rank 0 writes the folder synchronously) before the stream
+    is told it is finished, but Ray Train registers a checkpoint only when its controller
+    takes in the report, which a worker lost right after the report never sees. The stream
+    may then be ahead of the checkpoint Ray Train hands back: training on from there would
+    silently skip the buckets in between. So when the stream has finished a bucket later
+    than ``state`` covers, the run folder's own checkpoint of that bucket (written, not
+    registered) is loaded into ``model`` and returned; None when ``state`` is current.
+
+    Raises:
+        StreamError: The stream is ahead and no checkpoint of its last bucket exists.
+    """
+    from raylab.continual.stream import StreamError
+    from raylab.errors import CheckpointError
+    from raylab.runtime.checkpoint import check_compatible, load_checkpoint, restore_checkpoint
+    from raylab.runtime.worker import list_checkpoints
+
+    finished, order = stream["finished"], stream["buckets"]
+    covered = checkpoint_bucket(state)
+    done = 0 if covered is None else order.index(covered) + 1
+    if len(finished) <= done:
+        return None  # the checkpoint is as far as the stream, or one bucket further
+    want = finished[-1]
+    for path in list_checkpoints(run_dir):  # newest first
+        try:
+            candidate = load_checkpoint(path)
+            check_compatible(candidate, where=path, model=model)
+        except CheckpointError:
+            continue
+        if checkpoint_bucket(candidate) == want:
+            restore_checkpoint(candidate, where=path, model=model)
+            return candidate
+    raise StreamError(f"the stream has finished buckets {finished} but the newest checkpoint "
+                      f"of {run_dir} covers only {finished[:done]}; the checkpoint of bucket "
+                      f"{want} is missing, so the run cannot continue exactly: start a new "
+                      "run (another --name)")
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     from raylab.config import from_dict
     from raylab.continual.runner import BucketSettings, run_stream
@@ -77,17 +123,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = W.prepare_model(model)
     strategy = build_strategy(cfg)
     _, _, state = W.restore_latest(model=model)
+    client = ActorClient(get_stream(loop_config["stream"], loop_config["namespace"]))
+    meta = loop_config["checkpoint_meta"]
+    adopted = catch_up(client.state(), state, loop_config["run_dir"], model)
+    if adopted is not None:
+        # Its report never reached Ray Train: report it now, which also registers it.
+        state = adopted
+        W.report(dict(state["extra"]["last_metrics"]),
+                 {"model": model, "epoch": state["epoch"], "meta": meta,
+                  "extra": {k: v for k, v in state["extra"].items() if k != "last_metrics"}})
     resume = None
     if state is not None:
-        extra = state["extra"]
-        strategy.load_state_dict(extra["strategy"])
-        resume = extra["stream"]
-    client = ActorClient(get_stream(loop_config["stream"], loop_config["namespace"]))
+        strategy.load_state_dict(state["extra"]["strategy"])
+        resume = state["extra"]["stream"]
     o = cfg.optim
     settings = BucketSettings(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                               momentum=o.momentum, weight_decay=o.weight_decay,
                               precision=cfg.precision, padding=cfg.padding, seed=cfg.seed)
-    meta = loop_config["checkpoint_meta"]
 
     def on_bucket(result: dict[str, Any]) -> None:
         finished = client.metrics()["matrix"][:result["index"]]

@@ -269,3 +269,40 @@ def test_frozen_dino_features_feed_a_linear_learner(stream: Path, tmp_path: Path
     # The backbone stayed frozen: the checkpoint's teacher equals what embeds the rows.
     frozen = rows.embed.backbone
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_catch_up_adopts_the_unregistered_checkpoint_of_the_streams_last_bucket(
+        tmp_path: Path) -> None:
+    """A worker lost right after reporting bucket 2: the stream finished it and its
+    checkpoint folder exists, but Ray Train hands back bucket 1's."""
+    from raylab.continual.stream import StreamError
+    from raylab.methods.clear_loop import catch_up
+    from raylab.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    def checkpoint(name: str, bucket: int, fill: float) -> dict:
+        model = TinyNet()
+        for p in model.parameters():
+            p.data.fill_(fill)
+        save_checkpoint(tmp_path / name, model=model, epoch=bucket - 1,
+                        extra={"stream": {"bucket": bucket, "accuracies": {}}})
+        return load_checkpoint(tmp_path / name)
+
+    first = checkpoint("checkpoint_2026-01-01_00-00-01", 1, 1.0)
+    checkpoint("checkpoint_2026-01-01_00-00-02", 2, 2.0)
+    stream = {"buckets": [1, 2, 3, 4], "finished": [1, 2]}
+    model = TinyNet()
+    adopted = catch_up(stream, first, str(tmp_path), model)
+    assert adopted is not None and adopted["extra"]["stream"]["bucket"] == 2
+    assert all(torch.all(p == 2.0) for p in model.parameters())
+    # In step (or the checkpoint one bucket ahead: the finish is replayed later): nothing.
+    assert catch_up({"buckets": [1, 2, 3, 4], "finished": [1]}, first, str(tmp_path),
+                    model) is None
+    assert catch_up({"buckets": [1, 2, 3, 4], "finished": []}, first, str(tmp_path),
+                    model) is None
+    # Ahead with no checkpoint of its last bucket: refuse to continue inexactly.
+    with pytest.raises(StreamError, match="checkpoint of bucket 3 is missing"):
+        catch_up({"buckets": [1, 2, 3, 4], "finished": [1, 2, 3]}, first, str(tmp_path),
+                 model)
+    # No checkpoint registered at all, the stream one bucket in: adopt bucket 1's folder.
+    stream = {"buckets": [1, 2, 3, 4], "finished": [1]}
+    assert catch_up(stream, None, str(tmp_path), model)["extra"]["stream"]["bucket"] == 1
