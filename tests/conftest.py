@@ -58,6 +58,20 @@ def tiny_clear_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "stream"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_for_plain_tests(request: pytest.FixtureRequest) -> None:
+    """Tests without the ``ray`` mark run with no Ray connected: a cluster left up by the
+    integration tests forwards its workers' log lines into this process's stderr at any
+    moment, into output the CLI tests capture and check line by line. Later Ray tests start
+    it again (``ensure_ray``)."""
+    if request.node.get_closest_marker("ray") is None:
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for every integration test (starting Ray costs seconds)."""
