@@ -59,44 +59,24 @@ def stream_folder(data: str | None, tmp: Path) -> str:
 
 
 def _one_run(cfg: Any, info: Any, store: Any, out: Path, device: torch.device) -> dict:
-    import timm
-    from torch import nn
-
-    from raylab.continual.rows import stream_rows
-    from raylab.continual.runner import BucketSettings, run_stream
+    from raylab.continual.runner import run_stream
     from raylab.continual.stream import StreamService
-    from raylab.methods.clear import buffer_config, build_strategy, row_label
+    from raylab.methods.clear import bucket_settings, build_strategy, stream_kwargs, summarise
+    from raylab.methods.clear_loop import learner_model
 
-    strategy = build_strategy(cfg)
-    flags = buffer_config(cfg, strategy, info.rows_per_bucket)
     out.mkdir(parents=True, exist_ok=True)
     state = out / "stream_state.json"
     if state.exists():
         state.unlink()  # a bench run always starts afresh
-    service = StreamService(state, bucket_rows=stream_rows(cfg.data, info.buckets),
-                            protocol=cfg.protocol, train_fraction=cfg.train_fraction,
-                            seed=cfg.seed, **flags)
+    service = StreamService(state, **stream_kwargs(cfg, info))
     torch.manual_seed(cfg.seed)
-    if cfg.features:
-        dim = store.bucket(info.buckets[0])[0].shape[1]
-        model: nn.Module = nn.Linear(dim, len(info.class_names))
-    else:
-        model = timm.create_model(cfg.model, pretrained=False,
-                                  num_classes=len(info.class_names))
-    o = cfg.optim
-    settings = BucketSettings(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
-                              momentum=o.momentum, weight_decay=o.weight_decay,
-                              padding=cfg.padding, seed=cfg.seed)
+    dim = store.bucket(info.buckets[0])[0].shape[1] if cfg.features else None
+    model = learner_model(cfg, len(info.class_names), dim)
     t0 = time.perf_counter()
-    run_stream(service, store, model.to(device), strategy, settings, device)
-    stream = service.metrics()
-    summary = {"method": "clear", "row": row_label(cfg), "strategy": cfg.strategy,
-               "protocol": cfg.protocol,
-               "backbone": f"frozen {Path(cfg.features).name}" if cfg.features else cfg.model,
-               "features": bool(cfg.features), "seed": cfg.seed, "buckets": stream["buckets"],
-               "matrix": stream["matrix"], "metrics": stream["metrics"],
-               "input_size": info.input_size, "seconds": round(time.perf_counter() - t0, 1),
-               "bench": "in-process StreamService (raylab bench clear-table)"}
+    run_stream(service, store, model.to(device), build_strategy(cfg), bucket_settings(cfg),
+               device)
+    summary = summarise(cfg, info, service.metrics(), time.perf_counter() - t0)
+    summary["bench"] = "in-process StreamService (raylab bench clear-table)"
     cfglib.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

@@ -70,7 +70,7 @@ def stream_rows(dst: str | os.PathLike, buckets: Sequence[int] | None = None
     chosen = manifest["buckets"] if buckets is None else list(buckets)
     out = {}
     for b in chosen:
-        labels = [int(y) for y in _read_column(bucket_paths(dst, b), "label")]
+        labels = [int(y) for y in _read_column(bucket_paths(dst, b, manifest), "label")]
         if len(labels) >= ROW_STRIDE:
             raise DataError(f"bucket {b} has {len(labels)} rows; at most {ROW_STRIDE - 1} "
                             "fit the row numbering", path=dst)
@@ -110,13 +110,16 @@ class ImageRows:
         self.dst = os.fspath(dst)
         self.size = int(size)
         self._buckets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._manifest: dict[str, Any] | None = None
 
     def bucket(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All rows of bucket ``b`` as ``(images uint8 [N,3,S,S], labels int64 [N])``."""
         if b not in self._buckets:
-            from raylab.data.clear import bucket_paths
+            from raylab.data.clear import bucket_paths, read_stream_manifest
 
-            paths = bucket_paths(self.dst, b)
+            if self._manifest is None:
+                self._manifest = read_stream_manifest(self.dst)
+            paths = bucket_paths(self.dst, b, self._manifest)
             images, labels = [], []
             for path in paths:
                 try:

@@ -416,13 +416,18 @@ def clear_class_names(dst: str | os.PathLike) -> list[str]:
     return list(read_stream_manifest(dst)["class_names"])
 
 
-def bucket_paths(dst: str | os.PathLike, bucket: int) -> list[str]:
+def bucket_paths(dst: str | os.PathLike, bucket: int,
+                 manifest: dict[str, Any] | None = None) -> list[str]:
     """Absolute paths of the shard files of one bucket of a converted stream.
+
+    ``manifest``: what :func:`read_stream_manifest` returned for ``dst``, when the caller
+    has it (reading it checks every bucket's shards, so callers looping over buckets
+    read it once).
 
     Raises:
         DataError: The stream is invalid or has no bucket ``bucket``.
     """
-    manifest = read_stream_manifest(dst)
+    manifest = read_stream_manifest(dst) if manifest is None else manifest
     if bucket not in manifest["buckets"]:
         raise DataError(f"bucket {bucket!r} not in this stream; present: "
                         f"{_ranges(manifest['buckets'])}", path=dst)

@@ -213,24 +213,38 @@ def load_stream(cfg: ClearConfig) -> StreamInfo:
                               f"{meta.get('method')!r} checkpoint, expected a DINO one")
         size = int(meta["config"]["img_size"])
     elif size is None:
-        first = pq.read_table(bucket_paths(cfg.data, labelled[0])[0],
+        first = pq.read_table(bucket_paths(cfg.data, labelled[0], manifest)[0],
                               columns=["height", "width"]).slice(0, 1).to_pylist()[0]
         size = min(int(first["height"]), int(first["width"]), 224)
     return StreamInfo(list(manifest["class_names"]), labelled,
                       max(1, round(share * sum(rows) / len(rows))), size)
 
 
+def stream_kwargs(cfg: ClearConfig, info: StreamInfo) -> dict[str, Any]:
+    """The :class:`~raylab.continual.stream.StreamProtocol` arguments of a run."""
+    from raylab.continual.rows import stream_rows
+
+    flags = buffer_config(cfg, build_strategy(cfg), info.rows_per_bucket)
+    return {"bucket_rows": stream_rows(cfg.data, info.buckets), "protocol": cfg.protocol,
+            "train_fraction": cfg.train_fraction, "seed": cfg.seed, **flags}
+
+
+def bucket_settings(cfg: ClearConfig) -> Any:
+    """How each bucket is trained (:class:`~raylab.continual.runner.BucketSettings`)."""
+    from raylab.continual.runner import BucketSettings
+
+    o = cfg.optim
+    return BucketSettings(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+                          momentum=o.momentum, weight_decay=o.weight_decay,
+                          precision=cfg.precision, padding=cfg.padding, seed=cfg.seed)
+
+
 def start_stream_actor(cfg: ClearConfig, info: StreamInfo, state_path: Path, name: str
                        ) -> Any:
     """Start the stream actor (or reconnect to its saved state) for this run."""
-    from raylab.continual.rows import stream_rows
     from raylab.continual.stream import start_stream
 
-    strategy = build_strategy(cfg)
-    flags = buffer_config(cfg, strategy, info.rows_per_bucket)
-    return start_stream(name, state_path, namespace=NAMESPACE,
-                        bucket_rows=stream_rows(cfg.data, info.buckets), protocol=cfg.protocol,
-                        train_fraction=cfg.train_fraction, seed=cfg.seed, **flags)
+    return start_stream(name, state_path, namespace=NAMESPACE, **stream_kwargs(cfg, info))
 
 
 NAMESPACE = "raylab"
@@ -302,7 +316,8 @@ class ClearMethod(Method):
         t0 = time.perf_counter()
         exp_storage = f"{storage.rstrip('/')}/{experiment}"
         result, stream = fit_run(cfg, options, info, exp_storage, "run")
-        summary = summarise(cfg, info, result, stream, time.perf_counter() - t0)
+        summary = summarise(cfg, info, stream, time.perf_counter() - t0,
+                            result.checkpoint.path if result.checkpoint is not None else None)
         write_report(cfg, summary, local_path(storage, experiment))
         return summary
 
@@ -318,8 +333,10 @@ class ClearMethod(Method):
         fit_run(cfg, options, load_stream(cfg), storage, run_name, callbacks=callbacks)
 
 
-def summarise(cfg: ClearConfig, info: StreamInfo, result: Any, stream: dict[str, Any],
-              seconds: float) -> dict[str, Any]:
+def summarise(cfg: ClearConfig, info: StreamInfo, stream: dict[str, Any], seconds: float,
+              checkpoint: str | None = None) -> dict[str, Any]:
+    """summary.json of a run: the row, R and its metrics (``stream``: the stream's
+    ``metrics()``), the final checkpoint."""
     if not stream["complete"]:
         raise DataError(f"the stream finished {len(stream['finished'])} of "
                         f"{len(stream['buckets'])} buckets", path=cfg.data)
@@ -335,7 +352,7 @@ def summarise(cfg: ClearConfig, info: StreamInfo, result: Any, stream: dict[str,
         "matrix": stream["matrix"],
         "metrics": stream["metrics"],
         "input_size": info.input_size,
-        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "checkpoint": checkpoint,
         "seconds": round(seconds, 1),
     }
 

@@ -14,6 +14,16 @@ import torch
 from torch import nn
 
 
+def learner_model(cfg: Any, num_classes: int, feature_dim: int | None = None) -> nn.Module:
+    """What trains: the timm network ``cfg.model`` from scratch, or (with ``cfg.features``)
+    a linear classifier over ``feature_dim``-wide frozen features."""
+    if cfg.features:
+        return nn.Linear(int(feature_dim), num_classes)
+    import timm
+
+    return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
+
+
 def build_learner(cfg: Any, num_classes: int, input_size: int, device: torch.device
                   ) -> tuple[nn.Module, Any]:
     """The trainable model and the row store: a timm network over images, or a linear
@@ -22,15 +32,12 @@ def build_learner(cfg: Any, num_classes: int, input_size: int, device: torch.dev
 
     images = ImageRows(cfg.data, input_size)
     if not cfg.features:
-        import timm
-
-        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes), images
+        return learner_model(cfg, num_classes), images
     from raylab.methods.dino import load_backbone
 
-    backbone = load_backbone(cfg.features)
-    embed = FrozenEmbedding(backbone, device)
+    embed = FrozenEmbedding(load_backbone(cfg.features), device)
     dim = int(embed(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8)).shape[-1])
-    return nn.Linear(dim, num_classes), FeatureRows(images, embed)
+    return learner_model(cfg, num_classes, dim), FeatureRows(images, embed)
 
 
 def bucket_metrics(result: dict[str, Any], finished_rows: list[list[float | None]]
@@ -110,9 +117,9 @@ def catch_up(stream: dict[str, Any], state: dict[str, Any] | None, run_dir: str,
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     from raylab.config import from_dict
-    from raylab.continual.runner import BucketSettings, run_stream
+    from raylab.continual.runner import run_stream
     from raylab.continual.stream import ActorClient, get_stream
-    from raylab.methods.clear import ClearConfig, build_strategy
+    from raylab.methods.clear import ClearConfig, bucket_settings, build_strategy
     from raylab.runtime import worker as W
 
     cfg = from_dict(ClearConfig, loop_config["config"])
@@ -136,10 +143,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if state is not None:
         strategy.load_state_dict(state["extra"]["strategy"])
         resume = state["extra"]["stream"]
-    o = cfg.optim
-    settings = BucketSettings(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
-                              momentum=o.momentum, weight_decay=o.weight_decay,
-                              precision=cfg.precision, padding=cfg.padding, seed=cfg.seed)
+    settings = bucket_settings(cfg)
 
     def on_bucket(result: dict[str, Any]) -> None:
         finished = client.metrics()["matrix"][:result["index"]]
