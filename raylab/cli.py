@@ -391,23 +391,14 @@ COMMANDS = {"methods": cmd_methods, "data": cmd_data, "train": cmd_train, "tune"
 
 def find_raylab_error(exc: BaseException) -> RaylabError | None:
     """The RaylabError behind ``exc``, also when Ray wrapped it in a worker failure."""
-    seen: set[int] = set()
-    stack: list[Any] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    from raylab.errors import exception_chain
+
+    for e in exception_chain(exc):
         if isinstance(e, RaylabError):
             # Ray re-raises a task's exception as a subclass of both RayTaskError and the
             # original type; its `cause` is the original with the clean message.
             cause = getattr(e, "cause", None)
             return cause if isinstance(cause, RaylabError) else e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        failures = getattr(e, "worker_failures", None) or {}
-        stack += list(failures.values()) if isinstance(failures, dict) else []
-        for attr in ("worker_group_error", "controller_failure"):
-            stack.append(getattr(e, attr, None))
     return None
 
 
