@@ -60,7 +60,9 @@ _READ_WORDS = ("could not open", "failed to open", "no such file", "not found", 
                "oserror", "arrowinvalid", "arrowioerror")
 _DAMAGE_WORDS = ("corrupt", "snappy", "zstd", "thrift", "deserializ", "unexpected end",
                  "decompress", "invalid", "magic bytes")
-_SHARD_IN_TEXT = re.compile(r"""[^\s'"`(),\[\]{}<>]+\.parquet\b""")
+#: A file path ending in .parquet: it has a "/" (so that module names such as Ray's
+#: ``ray.data._internal.datasource_v2.formats.parquet`` in a traceback are not taken for one).
+_SHARD_IN_TEXT = re.compile(r"""[^\s'"`(),\[\]{}<>]*/[^\s'"`(),\[\]{}<>]*\.parquet\b""")
 #: Local shards totalling at most this many MiB are read in full to find a damaged one
 #: when the error does not name it (after a failed run only).
 DEEP_CHECK_MB = 1024

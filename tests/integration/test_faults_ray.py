@@ -108,6 +108,24 @@ def test_damaged_data_pages_are_found_by_reading(parquet_files: list[Path]) -> N
     assert error is not None and error.path == str(bad)
 
 
+def test_a_module_named_like_a_shard_is_not_a_shard(parquet_files: list[Path]) -> None:
+    """Ray's tracebacks name ``ray.data._internal.datasource_v2.formats.parquet``; with a
+    damaged page (whose message names no file) the known files are read instead."""
+    bad = parquet_files[0]
+    data = bytearray(bad.read_bytes())
+    data[100:400] = b"\xff" * 300
+    bad.write_bytes(bytes(data))
+    try:
+        _read(bad)
+    except Exception as exc:  # noqa: BLE001 (the damaged read's own error)
+        cause = exc
+    failure = _as_ray_train_failure(RuntimeError(
+        "File ray/data/_internal/datasource_v2/formats/parquet.py, in read\n"
+        f"ray.data._internal.datasource_v2.formats.parquet: {cause}"))
+    error = shard_read_error(failure, [str(p) for p in parquet_files])
+    assert error is not None and error.path == str(bad)
+
+
 def test_other_failures_are_left_alone(parquet_files: list[Path]) -> None:
     assert shard_read_error(_as_ray_train_failure(KeyError("lr")), map(str, parquet_files)) \
         is None
