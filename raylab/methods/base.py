@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 from raylab.runtime.options import RunOptions
+
+
+def save_run_record(cfg: Any, summary: dict[str, Any], folder: Path) -> None:
+    """The opening of every method's report: the folder, the resolved ``config.yaml`` and
+    ``summary.json`` (each written atomically), before the method's own plots and
+    ``report.md``."""
+    from raylab import config as cfglib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfglib.save_yaml(cfg, folder / "config.yaml")
+    cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
 
 
 class Method:

@@ -20,7 +20,6 @@ several runs out as the paper's Table 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
@@ -30,7 +29,7 @@ from typing import Any, Literal
 
 from raylab import config as cfglib
 from raylab.errors import ConfigError, DataError, StorageError
-from raylab.methods.base import Method
+from raylab.methods.base import Method, save_run_record
 from raylab.registry import register_method
 from raylab.runtime.options import RunOptions, local_path
 
@@ -363,9 +362,7 @@ def write_report(cfg: ClearConfig, summary: dict[str, Any], folder: Path | None)
         return
     from raylab.plots import plot_accuracy_matrix
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cfglib.save_yaml(cfg, folder / "config.yaml")
-    cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
+    save_run_record(cfg, summary, folder)
     plot_accuracy_matrix(summary["matrix"], summary["buckets"], folder / "accuracy_matrix.png",
                          f"{summary['row']}, {summary['protocol']} protocol")
     m = summary["metrics"]

@@ -17,7 +17,6 @@ ConvNeXt models.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, Literal
 
 from raylab import config as cfglib
 from raylab.errors import ConfigError
-from raylab.methods.base import Method
+from raylab.methods.base import Method, save_run_record
 from raylab.methods.image_data import (
     ImageData,
     encoded_images,
@@ -361,9 +360,7 @@ def write_report(cfg: ConvNeXtConfig, summary: dict[str, Any], folder: Path | No
         return
     from raylab.plots import plot_metric_history, read_metrics
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cfglib.save_yaml(cfg, folder / "config.yaml")
-    cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
+    save_run_record(cfg, summary, folder)
     rows = read_metrics(folder / "run" / "metrics.jsonl")
     curves = plot_metric_history(rows, {"top-1": "test_top1", "EMA top-1": "test_ema_top1"},
                                  "top-1", folder / "top1.png")

@@ -28,7 +28,6 @@ The teacher's backbone is reusable as a frozen feature extractor by other method
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from torch import nn
 
 from raylab import config as cfglib
 from raylab.errors import CheckpointError, ConfigError
-from raylab.methods.base import Method
+from raylab.methods.base import Method, save_run_record
 from raylab.methods.image_data import (
     ImageData,
     encoded_images,
@@ -430,8 +429,7 @@ def write_report(cfg: DINOConfig, summary: dict[str, Any], folder: Path | None,
     if summary["checkpoint"]:
         figures = attention_figures(summary["checkpoint"], cfg.data, cfg.eval_split, folder)
         summary["attention"] = [str(p) for p in figures]
-    cfglib.save_yaml(cfg, folder / "config.yaml")
-    cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
+    save_run_record(cfg, summary, folder)
     rows = read_metrics(folder / "run" / "metrics.jsonl")
     plot_metric_history(rows, {"k-NN top-1": "test_knn_top1"}, "k-NN top-1",
                         folder / "knn_top1.png")

@@ -14,7 +14,6 @@ workers -> the driver aggregates folds into the report.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from raylab.data import jigsaws
 from raylab.data.shards import iter_rows, read_manifest, shard_paths
 from raylab.data.splits import Fold, make_folds, validation_split
 from raylab.errors import ConfigError, DataError
-from raylab.methods.base import Method
+from raylab.methods.base import Method, save_run_record
 from raylab.registry import register_method
 from raylab.runtime.options import RunOptions, local_path
 from raylab.transforms.windows import ChannelStats, ChannelStatsAccumulator
@@ -408,9 +407,7 @@ def write_train_report(cfg: SkillConfig, summary: dict[str, Any], folder: Path |
         return
     from raylab.plots import plot_confusion
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cfglib.save_yaml(cfg, folder / "config.yaml")
-    cfglib.atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
+    save_run_record(cfg, summary, folder)
     pooled = summary["pooled"]
     plot_confusion(pooled["confusion"], list(CLASS_NAMES), folder / "confusion.png",
                    title=f"{cfg.task} {cfg.cv.upper()} (row-normalised)")
