@@ -159,9 +159,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["first_step_unix_time"] = first_step
         last = epoch + 1 == o.epochs
         if last or (epoch + 1) % cfg.eval_every == 0:
+            student_backbone = inner.backbone if cfg.knn_student else None
             metrics.update(_evaluate(teacher.module.backbone, bank_cache, query_cache, cfg,
                                      info, query, num_classes, last, knn_classify,
-                                     linear_probe))
+                                     linear_probe, student_backbone))
         checkpoint = None
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             checkpoint = {"model": student, "optimizer": optimizer, "scaler": scaler,
@@ -175,8 +176,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def _evaluate(backbone: nn.Module, bank_cache: Any, query_cache: Any, cfg: Any, info: Any,
               query: str, num_classes: int, with_probe: bool, knn_classify: Any,
-              linear_probe: Any) -> dict[str, float]:
-    """Rank 0 embeds the bank and the queries with the teacher; others report nothing.
+              linear_probe: Any, student_backbone: nn.Module | None = None
+              ) -> dict[str, float]:
+    """Rank 0 embeds the bank and the queries with the teacher (and the student, when
+    given, for its k-NN only); others report nothing.
 
     Only the chief reads the (unsplit) evaluation datasets; every worker still calls
     ``report`` afterwards, so the others simply wait there.
@@ -194,6 +197,12 @@ def _evaluate(backbone: nn.Module, bank_cache: Any, query_cache: Any, cfg: Any, 
     pred = knn_classify(bank_x, bank_y, query_x, k=cfg.knn_k, T=cfg.knn_temperature,
                         num_classes=num_classes)
     out = {f"{query}_knn_top1": float((pred == query_y).float().mean())}
+    if student_backbone is not None:
+        s_bank, _ = extract_features(student_backbone, bank, info.device, cfg.precision)
+        s_query, _ = extract_features(student_backbone, queries, info.device, cfg.precision)
+        s_pred = knn_classify(s_bank, bank_y, s_query, k=cfg.knn_k, T=cfg.knn_temperature,
+                              num_classes=num_classes)
+        out[f"{query}_knn_top1_student"] = float((s_pred == query_y).float().mean())
     if with_probe and cfg.linear_probe_epochs:
         probe = linear_probe(bank_x, bank_y, query_x, query_y, num_classes,
                              epochs=cfg.linear_probe_epochs, seed=cfg.seed)

@@ -47,6 +47,7 @@ def test_two_worker_dino_run(ray_cluster, image_shards: Path, tmp_path: Path) ->
                "--set", "optim.warmup_epochs=1", "--set", "warmup_teacher_temp_epochs=1",
                "--set", "teacher_temp=0.04",
                "--set", "max_train_rows=256", "--set", "eval_every=1",
+               "--set", "knn_student=true",
                "--set", "linear_probe_epochs=20", "--workers", "2",
                "--storage", str(tmp_path), "--name", "d"])
     assert rc == 0
@@ -56,6 +57,8 @@ def test_two_worker_dino_run(ray_cluster, image_shards: Path, tmp_path: Path) ->
     rows = [json.loads(x) for x in (exp / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all("test_knn_top1" in r for r in rows)  # eval_every=1
+    assert all(0.0 <= r["test_knn_top1_student"] <= 1.0 for r in rows)  # knn_student
+    assert summary["knn_top1_student"] == rows[-1]["test_knn_top1_student"]
     # No collapse: the student predicts the teacher better than a uniform guess, ln(K).
     # (That the step lowers the loss is tested without Ray in tests/unit/test_dino_step.py;
     # 24 steps are too few here, as the center is still warming up from zero.)

@@ -451,3 +451,14 @@ def test_example_config_loads(path: Path) -> None:
 
     cfg = cfglib.load(get_method(path.parent.name).Config, path)
     assert not getattr(cfg, "data", ""), "--data belongs on the command line"
+
+
+def test_dino_cpu_recipe_is_the_benchmarked_one() -> None:
+    """jobs/configs/dino/cifar_cpu.yaml is what `raylab bench dino-cifar` measures."""
+    from raylab import config as cfglib
+    from raylab.bench_images import DINO_BUDGET
+    from raylab.methods.dino import DINOConfig
+
+    from_file = cfglib.load(DINOConfig, REPO / "jobs" / "configs" / "dino" / "cifar_cpu.yaml")
+    from_bench = cfglib.apply_overrides(DINOConfig(), DINO_BUDGET)
+    assert cfglib.to_dict(from_file) == cfglib.to_dict(from_bench)
