@@ -190,19 +190,29 @@ def _evaluate(backbone: nn.Module, bank_cache: Any, query_cache: Any, cfg: Any, 
         return {}
     bank_shard = ray.train.get_dataset_shard("knn_bank")
     query_shard = ray.train.get_dataset_shard("knn_query")
-    bank = bank_cache.epoch(lambda: bank_shard.iter_torch_batches(batch_size=256), 256)
-    queries = query_cache.epoch(lambda: query_shard.iter_torch_batches(batch_size=256), 256)
-    bank_x, bank_y = extract_features(backbone, bank, info.device, cfg.precision)
-    query_x, query_y = extract_features(backbone, queries, info.device, cfg.precision)
+    # Each call is one pass (a generator): streamed and recorded the first time, then
+    # replayed from memory, or streamed again when the split is too big to cache.
+    def bank() -> Any:
+        return bank_cache.epoch(lambda: bank_shard.iter_torch_batches(batch_size=256), 256)
+
+    def queries() -> Any:
+        return query_cache.epoch(lambda: query_shard.iter_torch_batches(batch_size=256), 256)
+
+    bank_x, bank_y = extract_features(backbone, bank(), info.device, cfg.precision)
+    query_x, query_y = extract_features(backbone, queries(), info.device, cfg.precision)
     pred = knn_classify(bank_x, bank_y, query_x, k=cfg.knn_k, T=cfg.knn_temperature,
                         num_classes=num_classes)
     out = {f"{query}_knn_top1": float((pred == query_y).float().mean())}
     if student_backbone is not None:
-        s_bank, _ = extract_features(student_backbone, bank, info.device, cfg.precision)
-        s_query, _ = extract_features(student_backbone, queries, info.device, cfg.precision)
-        s_pred = knn_classify(s_bank, bank_y, s_query, k=cfg.knn_k, T=cfg.knn_temperature,
+        # A second pass over each split; its own labels, as a re-streamed pass (a split
+        # too big to cache) may come in another order.
+        s_bank, s_bank_y = extract_features(student_backbone, bank(), info.device,
+                                            cfg.precision)
+        s_query, s_query_y = extract_features(student_backbone, queries(), info.device,
+                                              cfg.precision)
+        s_pred = knn_classify(s_bank, s_bank_y, s_query, k=cfg.knn_k, T=cfg.knn_temperature,
                               num_classes=num_classes)
-        out[f"{query}_knn_top1_student"] = float((s_pred == query_y).float().mean())
+        out[f"{query}_knn_top1_student"] = float((s_pred == s_query_y).float().mean())
     if with_probe and cfg.linear_probe_epochs:
         probe = linear_probe(bank_x, bank_y, query_x, query_y, num_classes,
                              epochs=cfg.linear_probe_epochs, seed=cfg.seed)
