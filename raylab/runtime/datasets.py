@@ -6,6 +6,11 @@ of decoding for the CIFAR subset or windowing for a JIGSAWS fold). Shard sets no
 than ``materialize_mb`` are read once, cut into enough blocks for every CPU, and kept in
 the object store; later stages (filters, windowing, decoding, augmentation) still run
 fresh in every epoch. Larger or remote sets stream.
+
+The small sets are read by the driver with pyarrow and handed over with
+``ray.data.from_arrow``: a Ray Data read + repartition + materialize of the same files
+starts read tasks first, which cost 5.8 s before the first step of a JIGSAWS fold against
+1.9 s this way (BENCHMARKS.md, "Platform overhead").
 """
 
 from __future__ import annotations
@@ -38,10 +43,28 @@ def read_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
 
     size = local_mib(paths)
     if materialize_mb and size is not None and size <= materialize_mb:
-        # Small shard files would be read as one block and so processed by one task.
+        tables = [_read_local_shard(path, columns) for path in paths]
+        # Small shard files would be one block each and so processed by one task: cut
+        # them into enough blocks for every CPU.
         blocks = max(len(paths), 2 * int(cluster_resources().get("CPU", 1)))
-        ds = ray.data.read_parquet(paths).select_columns(columns)
-        ds = ds.repartition(blocks).materialize()
+        rows_per_block = max(1, -(-sum(t.num_rows for t in tables) // blocks))
+        pieces = [t.slice(start, rows_per_block) for t in tables
+                  for start in range(0, t.num_rows, rows_per_block)]
+        ds = ray.data.from_arrow(pieces or tables)
         return ds.randomize_block_order() if shuffle_files else ds
     ds = ray.data.read_parquet(paths, shuffle="files" if shuffle_files else None)
     return ds.select_columns(columns)
+
+
+def _read_local_shard(path: str, columns: list[str]) -> Any:
+    """One local shard file's ``columns`` as a pyarrow Table, or a DataError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylab.errors import DataError
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read this shard ({exc}); expected a Parquet file "
+                        f"with the columns {columns}") from None
