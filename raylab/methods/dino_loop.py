@@ -198,21 +198,19 @@ def _evaluate(backbone: nn.Module, bank_cache: Any, query_cache: Any, cfg: Any, 
     def queries() -> Any:
         return query_cache.epoch(lambda: query_shard.iter_torch_batches(batch_size=256), 256)
 
-    bank_x, bank_y = extract_features(backbone, bank(), info.device, cfg.precision)
-    query_x, query_y = extract_features(backbone, queries(), info.device, cfg.precision)
-    pred = knn_classify(bank_x, bank_y, query_x, k=cfg.knn_k, T=cfg.knn_temperature,
-                        num_classes=num_classes)
-    out = {f"{query}_knn_top1": float((pred == query_y).float().mean())}
+    def embed_and_score(net: nn.Module) -> tuple[float, tuple[torch.Tensor, ...]]:
+        """k-NN top-1 of ``net``'s features, and the features with their labels (each
+        pass keeps its own labels: a re-streamed pass may come in another order)."""
+        bank_x, bank_y = extract_features(net, bank(), info.device, cfg.precision)
+        query_x, query_y = extract_features(net, queries(), info.device, cfg.precision)
+        pred = knn_classify(bank_x, bank_y, query_x, k=cfg.knn_k, T=cfg.knn_temperature,
+                            num_classes=num_classes)
+        return float((pred == query_y).float().mean()), (bank_x, bank_y, query_x, query_y)
+
+    top1, (bank_x, bank_y, query_x, query_y) = embed_and_score(backbone)
+    out = {f"{query}_knn_top1": top1}
     if student_backbone is not None:
-        # A second pass over each split; its own labels, as a re-streamed pass (a split
-        # too big to cache) may come in another order.
-        s_bank, s_bank_y = extract_features(student_backbone, bank(), info.device,
-                                            cfg.precision)
-        s_query, s_query_y = extract_features(student_backbone, queries(), info.device,
-                                              cfg.precision)
-        s_pred = knn_classify(s_bank, s_bank_y, s_query, k=cfg.knn_k, T=cfg.knn_temperature,
-                              num_classes=num_classes)
-        out[f"{query}_knn_top1_student"] = float((s_pred == s_query_y).float().mean())
+        out[f"{query}_knn_top1_student"] = embed_and_score(student_backbone)[0]
     if with_probe and cfg.linear_probe_epochs:
         probe = linear_probe(bank_x, bank_y, query_x, query_y, num_classes,
                              epochs=cfg.linear_probe_epochs, seed=cfg.seed)

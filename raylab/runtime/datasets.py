@@ -61,10 +61,9 @@ def _read_local_shard(path: str, columns: list[str]) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raylab.errors import DataError
+    from raylab.data.shards import unreadable_shard
 
     try:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot read this shard ({exc}); expected a Parquet file "
-                        f"with the columns {columns}") from None
+        raise unreadable_shard(path, exc) from None

@@ -50,5 +50,5 @@ def test_small_sets_match_streaming(ray_cluster, shard_files: list[str]) -> None
 
 def test_a_damaged_small_shard_is_named(ray_cluster, shard_files: list[str]) -> None:
     Path(shard_files[2]).write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match=r"part-00002\.parquet: cannot read this shard"):
+    with pytest.raises(DataError, match=r"part-00002\.parquet: unreadable Parquet data"):
         read_shards(shard_files, ["name", "value"], shuffle_files=False, materialize_mb=64)
