@@ -211,19 +211,39 @@ def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[None] for k, v in state.items()}
 
 
-def trial_rows(paths: list[str], cfg: SkillConfig) -> Any:
+@dataclass
+class TrialRows:
+    """The kinematics rows of a run: a Ray Dataset, and the same rows as pyarrow Tables
+    when the driver read them itself (small local shard sets; None when they stream)."""
+
+    dataset: Any
+    tables: list[Any] | None
+
+
+TRIAL_COLUMNS = ["name", "n_frames", "kinematics"]
+
+
+def trial_rows(paths: list[str], cfg: SkillConfig) -> TrialRows:
     """The kinematics rows, read once per run and held in the object store when small."""
-    from raylab.runtime.datasets import read_shards
+    from raylab.runtime.datasets import dataset_from_tables, local_tables, stream_shards
 
-    return read_shards(paths, ["name", "n_frames", "kinematics"], shuffle_files=True,
-                       materialize_mb=cfg.materialize_mb)
+    tables = local_tables(paths, TRIAL_COLUMNS, cfg.materialize_mb)
+    if tables is None:
+        return TrialRows(stream_shards(paths, TRIAL_COLUMNS, shuffle_files=True), None)
+    return TrialRows(dataset_from_tables(tables, shuffle_files=True), tables)
 
 
-def channel_stats(rows: Any, names: set[str]) -> ChannelStats:
-    """Mean/std per channel over the training trials, computed where the data lives."""
+def channel_stats(rows: TrialRows, names: set[str]) -> ChannelStats:
+    """Mean/std per channel over the training trials, computed where the data lives.
+
+    Rows the driver already holds are summed here: a Ray Data pass would first have to
+    start task workers, 1.3 s of the first step on a 2-core machine (BENCHMARKS.md).
+    """
+    if rows.tables is not None:
+        return table_channel_stats(rows.tables, names)
     from ray.data.expressions import col
 
-    ds = rows.select_columns(["name", "kinematics"])
+    ds = rows.dataset.select_columns(["name", "kinematics"])
     ds = ds.filter(expr=col("name").is_in(sorted(names)))
     total = ChannelStatsAccumulator()
     for part in ds.map_batches(_partial_stats, batch_format="numpy").iter_rows():
@@ -231,15 +251,31 @@ def channel_stats(rows: Any, names: set[str]) -> ChannelStats:
     return total.result()
 
 
-def window_dataset(rows: Any, trials: list[Trial], cfg: SkillConfig, stats: ChannelStats
-                   ) -> Any:
+def table_channel_stats(tables: list[Any], names: set[str]) -> ChannelStats:
+    """:func:`channel_stats` over pyarrow Tables with ``name`` and flat ``kinematics``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = ChannelStatsAccumulator()
+    wanted = pa.array(sorted(names), type=pa.string())
+    for table in tables:
+        kept = table.filter(pc.is_in(table["name"], value_set=wanted))
+        if kept.num_rows == 0:
+            continue
+        values = pc.list_flatten(kept["kinematics"]).to_numpy(zero_copy_only=False)
+        total.update(values.reshape(-1, jigsaws.N_CHANNELS))
+    return total.result()
+
+
+def window_dataset(rows: TrialRows, trials: list[Trial], cfg: SkillConfig,
+                   stats: ChannelStats) -> Any:
     """The windowed Ray Dataset of ``trials`` (``rows`` from :func:`trial_rows`)."""
     from ray.data.expressions import col
 
     assign = {t.name: (t.label, i) for i, t in enumerate(trials)}
     # Filtering before windowing keeps batches non-empty: Ray Data cannot store an empty
     # batch of [0, W, C] tensors as a tensor column and would fall back to pickling.
-    ds = rows.filter(expr=col("name").is_in(sorted(assign)))
+    ds = rows.dataset.filter(expr=col("name").is_in(sorted(assign)))
     windows = TrialWindows(assign, cfg.window, cfg.step, stats.to_dict())
     return ds.map_batches(windows, batch_format="numpy", batch_size=16)
 

@@ -37,21 +37,42 @@ def read_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
         materialize_mb: Hold the rows in the object store when the files total at most
             this many MiB (0: always stream).
     """
+    tables = local_tables(paths, columns, materialize_mb)
+    if tables is not None:
+        return dataset_from_tables(tables, shuffle_files=shuffle_files)
+    return stream_shards(paths, columns, shuffle_files=shuffle_files)
+
+
+def local_tables(paths: list[str], columns: list[str], materialize_mb: int
+                 ) -> list[Any] | None:
+    """``columns`` of the shard files as pyarrow Tables read here, or None when the set
+    is remote, larger than ``materialize_mb`` MiB, or ``materialize_mb`` is 0."""
+    size = local_mib(paths)
+    if not materialize_mb or size is None or size > materialize_mb:
+        return None
+    return [_read_local_shard(path, columns) for path in paths]
+
+
+def dataset_from_tables(tables: list[Any], *, shuffle_files: bool) -> Any:
+    """Tables from :func:`local_tables` as a Ray Dataset held in the object store."""
     import ray.data
 
     from raylab.runtime.cluster import cluster_resources
 
-    size = local_mib(paths)
-    if materialize_mb and size is not None and size <= materialize_mb:
-        tables = [_read_local_shard(path, columns) for path in paths]
-        # Small shard files would be one block each and so processed by one task: cut
-        # them into enough blocks for every CPU.
-        blocks = max(len(paths), 2 * int(cluster_resources().get("CPU", 1)))
-        rows_per_block = max(1, -(-sum(t.num_rows for t in tables) // blocks))
-        pieces = [t.slice(start, rows_per_block) for t in tables
-                  for start in range(0, t.num_rows, rows_per_block)]
-        ds = ray.data.from_arrow(pieces or tables)
-        return ds.randomize_block_order() if shuffle_files else ds
+    # Small shard files would be one block each and so processed by one task: cut them
+    # into enough blocks for every CPU.
+    blocks = max(len(tables), 2 * int(cluster_resources().get("CPU", 1)))
+    rows_per_block = max(1, -(-sum(t.num_rows for t in tables) // blocks))
+    pieces = [t.slice(start, rows_per_block) for t in tables
+              for start in range(0, t.num_rows, rows_per_block)]
+    ds = ray.data.from_arrow(pieces or tables)
+    return ds.randomize_block_order() if shuffle_files else ds
+
+
+def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool) -> Any:
+    """A Ray Dataset that reads ``columns`` of the files again in every epoch."""
+    import ray.data
+
     ds = ray.data.read_parquet(paths, shuffle="files" if shuffle_files else None)
     return ds.select_columns(columns)
 

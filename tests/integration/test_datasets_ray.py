@@ -52,3 +52,37 @@ def test_a_damaged_small_shard_is_named(ray_cluster, shard_files: list[str]) -> 
     Path(shard_files[2]).write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"part-00002\.parquet: unreadable Parquet data"):
         read_shards(shard_files, ["name", "value"], shuffle_files=False, materialize_mb=64)
+
+
+def test_skill_statistics_agree_on_both_paths(ray_cluster, tmp_path: Path) -> None:
+    """Channel statistics from the rows the driver read equal the Ray Data pass over the
+    same shards (the path taken when the set streams)."""
+    import numpy as np
+
+    from raylab.methods.skill import (
+        TRIAL_COLUMNS,
+        TrialRows,
+        channel_stats,
+        table_channel_stats,
+    )
+    from raylab.runtime.datasets import local_tables, stream_shards
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(2):
+        frames = [int(n) for n in rng.integers(8, 30, size=4)]
+        path = tmp_path / f"kin-{i}.parquet"
+        pq.write_table(pa.table({
+            "name": [f"s{i}t{j}" for j in range(4)],
+            "n_frames": pa.array(frames, type=pa.int32()),
+            "kinematics": pa.array([rng.normal(j, 2, size=n * 76).astype(np.float32)
+                                    for j, n in enumerate(frames)],
+                                   type=pa.list_(pa.float32())),
+        }), path)
+        paths.append(str(path))
+    names = {"s0t1", "s0t3", "s1t0", "s1t2"}
+    held = table_channel_stats(local_tables(paths, TRIAL_COLUMNS, 64), names)
+    streamed = channel_stats(TrialRows(stream_shards(paths, TRIAL_COLUMNS,
+                                                     shuffle_files=False), None), names)
+    np.testing.assert_allclose(held.mean, streamed.mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(held.std, streamed.std, rtol=1e-9, atol=0)
