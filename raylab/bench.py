@@ -15,6 +15,7 @@ Image benchmarks (``ingest-images``, ``convnext-cifar``) live in :mod:`raylab.be
 from __future__ import annotations
 
 import json
+import queue
 import statistics
 import tempfile
 import time
@@ -114,17 +115,23 @@ def _steady(rows: list[dict[str, Any]]) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def bench_train_overhead(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+def bench_train_overhead(shards: str, epochs: int, tmp: Path, workers: int = 1
+                         ) -> dict[str, Any]:
+    """``workers`` 1: a 1-worker TorchTrainer; 0: the same trainer in-process (``--workers
+    0``), its loop in this process, limited to 1 thread like the baseline."""
     from raylab.runtime.cluster import ensure_ray
 
     cfg, paths, train, test = _setup(shards, epochs)
     ensure_ray()
-    rows = _ray_run(cfg, paths, train, test, 1, tmp / "runs", "overhead")
+    if workers == 0:
+        torch.set_num_threads(1)
+    rows = _ray_run(cfg, paths, train, test, workers, tmp / "runs", "overhead")
     ray_rate = _steady(rows)
     to_first_step = rows[0]["first_step_unix_time"] - COMMAND_START
     x, y, _ = _in_memory_windows(cfg, train)
     plain_rate = _plain_loop_samples_per_s(cfg, x, y, threads=1)
-    return {"bench": "train-overhead", "windows_per_epoch": int(len(y)), "epochs": epochs,
+    return {"bench": "train-overhead", "train_workers": workers,
+            "windows_per_epoch": int(len(y)), "epochs": epochs,
             "ray_train_samples_per_s": round(ray_rate, 1),
             "plain_loop_samples_per_s": round(plain_rate, 1),
             "ratio": round(ray_rate / plain_rate, 3),
@@ -224,23 +231,107 @@ def bench_latency(shards: str, epochs: int, tmp: Path, n: int = 2000) -> dict[st
     return out
 
 
+def _ddp_rank(rank: int, world: int, port: int, cfg: Any, x: np.ndarray, y: np.ndarray,
+              rates: Any) -> None:
+    """One process of the plain DDP baseline: gloo over loopback, 1 thread, its share of
+    every global batch (as Train workers take it), the same ``train_epoch`` step code."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raylab.methods.skill_loop import build_model, train_epoch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(cfg.seed)
+    model = DistributedDataParallel(build_model(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    per_rank = max(1, cfg.optim.batch_size // world)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.optim.epochs):
+        perm = torch.randperm(len(yt), generator=generator)[rank::world]
+        batches = ({"x": xt[perm[i:i + per_rank]], "y": yt[perm[i:i + per_rank]]}
+                   for i in range(0, len(perm), per_rank))
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = train_epoch(model, opt, batches, torch.device("cpu"), cfg.precision, all_reduce)
+        if rank == 0:
+            rates.put(out["train_samples"] / (time.perf_counter() - t0))
+    dist.destroy_process_group()
+
+
+def _plain_ddp_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, world: int) -> float:
+    """Steady-state samples/s of ``world`` plain torch DDP processes (no Ray at all)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    rates = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, world, port, cfg, x, y, rates))
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    per_epoch: list[float] = []
+    try:
+        while len(per_epoch) < cfg.optim.epochs:
+            try:
+                per_epoch.append(rates.get(timeout=1.0))
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed:
+                    raise RuntimeError(
+                        f"plain DDP baseline: a process exited with {failed[0]}") from None
+    except BaseException:
+        for proc in procs:  # the others would wait for the lost rank's all-reduce
+            proc.terminate()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+    return statistics.median(per_epoch[1:] or per_epoch)
+
+
 def bench_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+    """2 Train workers vs 1, next to the same comparison for plain torch DDP processes
+    without Ray: the baseline says what this machine allows the model at all."""
     from raylab.runtime.cluster import ensure_ray
 
     cfg, paths, train, test = _setup(shards, epochs)
     ensure_ray()
     one = _steady(_ray_run(cfg, paths, train, test, 1, tmp / "runs", "w1"))
     two = _steady(_ray_run(cfg, paths, train, test, 2, tmp / "runs", "w2"))
+    x, y, _ = _in_memory_windows(cfg, train)
+    plain_one = _plain_ddp_samples_per_s(cfg, x, y, world=1)
+    plain_two = _plain_ddp_samples_per_s(cfg, x, y, world=2)
     return {"bench": "scaling", "epochs": epochs, "one_worker_samples_per_s": round(one, 1),
-            "two_workers_samples_per_s": round(two, 1), "speedup": round(two / one, 3)}
+            "two_workers_samples_per_s": round(two, 1), "speedup": round(two / one, 3),
+            "plain_ddp_one_process_samples_per_s": round(plain_one, 1),
+            "plain_ddp_two_processes_samples_per_s": round(plain_two, 1),
+            "plain_ddp_speedup": round(plain_two / plain_one, 3)}
 
 
 BENCHES = {"train-overhead": bench_train_overhead, "ingest": bench_ingest,
            "latency": bench_latency, "scaling": bench_scaling}
 
 
-def run(name: str, data: str | None = None, epochs: int = 3) -> dict[str, Any]:
-    """Run one benchmark, print its figures as JSON and return them."""
+def run(name: str, data: str | None = None, epochs: int = 3, workers: int = 1
+        ) -> dict[str, Any]:
+    """Run one benchmark, print its figures as JSON and return them.
+
+    ``workers`` is the Train worker count of ``train-overhead`` (0: in-process).
+    """
     from raylab import bench_images
 
     with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
@@ -249,7 +340,8 @@ def run(name: str, data: str | None = None, epochs: int = 3) -> dict[str, Any]:
             result = bench_images.BENCHES[name](shards, max(epochs, 2), Path(tmp))
         else:
             shards = _shards(data, Path(tmp)) if name != "latency" else ""
-            result = BENCHES[name](shards, max(epochs, 2), Path(tmp))
+            extra = {"workers": workers} if name == "train-overhead" else {}
+            result = BENCHES[name](shards, max(epochs, 2), Path(tmp), **extra)
     result["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(result, indent=2))
     return result

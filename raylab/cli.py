@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JIGSAWS shards, or for image benches an image shard folder or "
                             "ImageFolder (default: a fresh sample, or the CIFAR-10 subset)")
     bench.add_argument("--epochs", type=int, default=3)
+    bench.add_argument("--workers", type=int, default=1, choices=[0, 1],
+                       help="train-overhead: 1 Train worker, or 0 to run the same trainer "
+                            "in-process")
     bench.add_argument("--features", default=None,
                        help="clear-table: a DINO checkpoint for the frozen-feature rows")
     bench.add_argument("--seeds", type=int, default=3, help="clear-table: seeds per cell")
@@ -373,7 +376,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["date"] = time.strftime("%Y-%m-%d")
         print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=2))
         return 0
-    bench.run(args.name, data=args.data, epochs=args.epochs)
+    bench.run(args.name, data=args.data, epochs=args.epochs, workers=args.workers)
     return 0
 
 

@@ -1,0 +1,35 @@
+"""The plain-torch baselines of `raylab bench` (no Ray): they run, and a failing rank
+ends the DDP baseline with an error instead of a hang."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raylab import bench
+from raylab import config as cfglib
+from raylab.methods.skill import SkillConfig
+
+
+def _cfg(epochs: int = 2) -> SkillConfig:
+    return cfglib.apply_overrides(SkillConfig(), {
+        "window": 30, "optim.epochs": epochs, "optim.batch_size": 16,
+        "model.channels": [8, 8, 8], "model.fc_dim": 8})
+
+
+def _windows(n: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 30, 76)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def test_plain_ddp_two_processes_report_a_rate():
+    x, y = _windows()
+    rate = bench._plain_ddp_samples_per_s(_cfg(), x, y, world=2)
+    assert np.isfinite(rate) and rate > 0
+
+
+def test_a_failing_rank_raises():
+    x, y = _windows()
+    y = y + 10  # labels outside the 3 classes: cross-entropy fails in every rank
+    with pytest.raises(RuntimeError, match="plain DDP baseline: a process exited with"):
+        bench._plain_ddp_samples_per_s(_cfg(), x, y, world=2)
