@@ -7,10 +7,10 @@ than ``materialize_mb`` are read once, cut into enough blocks for every CPU, and
 the object store; later stages (filters, windowing, decoding, augmentation) still run
 fresh in every epoch. Larger or remote sets stream.
 
-The small sets are read by the driver with pyarrow and handed over with
-``ray.data.from_arrow``: a Ray Data read + repartition + materialize of the same files
+The small sets are read by the driver with pyarrow and handed over as blocks
+(``ray.data.from_blocks``): a Ray Data read + repartition + materialize of the same files
 starts read tasks first, which cost 5.8 s before the first step of a JIGSAWS fold against
-1.9 s this way (BENCHMARKS.md, "Platform overhead").
+under 0.3 s this way (BENCHMARKS.md, "Platform overhead").
 """
 
 from __future__ import annotations
@@ -65,7 +65,11 @@ def dataset_from_tables(tables: list[Any], *, shuffle_files: bool) -> Any:
     rows_per_block = max(1, -(-sum(t.num_rows for t in tables) // blocks))
     pieces = [t.slice(start, rows_per_block) for t in tables
               for start in range(0, t.num_rows, rows_per_block)]
-    ds = ray.data.from_arrow(pieces or tables)
+    # from_blocks keeps these blocks as they are and takes their metadata here; from_arrow
+    # computes it in a remote task, which on a fresh cluster waits for Ray's first task
+    # worker to start (0.8 s of the first step, BENCHMARKS.md). Rays without it fall back.
+    make = getattr(ray.data, "from_blocks", None) or ray.data.from_arrow
+    ds = make(pieces or tables)
     return ds.randomize_block_order() if shuffle_files else ds
 
 

@@ -1,5 +1,5 @@
 """runtime.datasets.read_shards: the small-set path (read by the driver, handed over with
-ray.data.from_arrow) gives the same rows as streaming the files, in enough blocks for
+ray.data.from_blocks) gives the same rows as streaming the files, in enough blocks for
 every CPU, and a damaged file is one DataError naming it."""
 
 from __future__ import annotations
