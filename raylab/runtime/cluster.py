@@ -48,10 +48,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
-        data_logging = os.environ.setdefault(
+        # The local cluster's processes inherit this environment, so Ray Data logs with
+        # this config in every task and actor. A job runtime_env carrying it would make
+        # each worker start wait for Ray's runtime-env agent: 0.8-2 s more to the first
+        # step on 2 cores (BENCHMARKS.md, "Platform overhead").
+        os.environ.setdefault(
             "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
         ray.init(
-            runtime_env={"env_vars": {"RAY_DATA_LOGGING_CONFIG": data_logging}},
             num_cpus=num_cpus or local_cpus(),
             # The dashboard process also serves the State API, which Train needs to
             # release a Tune-stopped trial's placement group (without it, later trials
