@@ -236,8 +236,8 @@ def trial_rows(paths: list[str], cfg: SkillConfig) -> TrialRows:
 def channel_stats(rows: TrialRows, names: set[str]) -> ChannelStats:
     """Mean/std per channel over the training trials, computed where the data lives.
 
-    Rows the driver already holds are summed here: a Ray Data pass would first have to
-    start task workers, 1.3 s of the first step on a 2-core machine (BENCHMARKS.md).
+    Rows the driver already holds are summed here, which spares every fold a Ray Data
+    pass over them; streamed rows are summed by Ray Data tasks and merged here.
     """
     if rows.tables is not None:
         return table_channel_stats(rows.tables, names)
