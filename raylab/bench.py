@@ -73,31 +73,44 @@ def _in_memory_windows(cfg: Any, trials: list[Any]) -> tuple[np.ndarray, np.ndar
     return out["x"], out["y"], stats
 
 
+def _epoch_rates(cfg: Any, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
+                 all_reduce: Any, rank: int = 0, world: int = 1,
+                 before_epoch: Any = lambda: None) -> list[float]:
+    """Global samples/s of each epoch of ``train_epoch`` over windows held in memory.
+
+    Each of the ``world`` ranks takes every ``world``-th window of a shared permutation
+    and ``batch_size // world`` of them per step, as Train workers share a global batch.
+    """
+    from raylab.methods.skill_loop import train_epoch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    per_rank = max(1, cfg.optim.batch_size // world)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rates = []
+    for _ in range(cfg.optim.epochs):
+        perm = torch.randperm(len(yt), generator=generator)[rank::world]
+        batches = ({"x": xt[perm[i:i + per_rank]], "y": yt[perm[i:i + per_rank]]}
+                   for i in range(0, len(perm), per_rank))
+        before_epoch()
+        t0 = time.perf_counter()
+        out = train_epoch(model, opt, batches, torch.device("cpu"), cfg.precision, all_reduce)
+        rates.append(out["train_samples"] / (time.perf_counter() - t0))
+    return rates
+
+
 def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: int) -> float:
     """The same step code (``train_epoch``) over the windows in memory, without Ray.
 
     Both sides run the identical per-batch work (forward, backward, AdamW, loss/accuracy
     bookkeeping), so the ratio measures what the platform adds and nothing else.
     """
-    import torch
-
-    from raylab.methods.skill_loop import build_model, train_epoch
+    from raylab.methods.skill_loop import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-    rates = []
-    for _ in range(cfg.optim.epochs):
-        perm = torch.randperm(len(yt))
-        batches = ({"x": xt[perm[i:i + cfg.optim.batch_size]],
-                    "y": yt[perm[i:i + cfg.optim.batch_size]]}
-                   for i in range(0, len(yt), cfg.optim.batch_size))
-        t0 = time.perf_counter()
-        train_epoch(model, opt, batches, torch.device("cpu"), cfg.precision, lambda t: t)
-        rates.append(len(yt) / (time.perf_counter() - t0))
+    rates = _epoch_rates(cfg, build_model(cfg), x, y, lambda t: t)
     return statistics.median(rates[1:] or rates)
 
 
@@ -238,33 +251,23 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: Any, x: np.ndarray, y: np.n
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from raylab.methods.skill_loop import build_model, train_epoch
+    from raylab.methods.skill_loop import build_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     torch.manual_seed(cfg.seed)
-    model = DistributedDataParallel(build_model(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay)
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
         dist.all_reduce(out)
         return out
 
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-    per_rank = max(1, cfg.optim.batch_size // world)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.optim.epochs):
-        perm = torch.randperm(len(yt), generator=generator)[rank::world]
-        batches = ({"x": xt[perm[i:i + per_rank]], "y": yt[perm[i:i + per_rank]]}
-                   for i in range(0, len(perm), per_rank))
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = train_epoch(model, opt, batches, torch.device("cpu"), cfg.precision, all_reduce)
+    # Every rank must finish the epoch's all-reduces; only rank 0's clock is reported.
+    for rate in _epoch_rates(cfg, DistributedDataParallel(build_model(cfg)), x, y,
+                             all_reduce, rank, world, before_epoch=dist.barrier):
         if rank == 0:
-            rates.put(out["train_samples"] / (time.perf_counter() - t0))
+            rates.put(rate)
     dist.destroy_process_group()
 
 
