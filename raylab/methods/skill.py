@@ -199,11 +199,21 @@ class TrialWindows:
                                    n_channels=jigsaws.N_CHANNELS)
 
 
-def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One Ray Data batch's partial channel statistics (merged on the driver)."""
+def _accumulate(tables: list[Any]) -> ChannelStatsAccumulator:
+    """Channel statistics of the flat ``kinematics`` column of pyarrow Tables."""
+    import pyarrow.compute as pc
+
     acc = ChannelStatsAccumulator()
-    for flat in batch["kinematics"]:
-        acc.update(np.asarray(flat).reshape(-1, jigsaws.N_CHANNELS))
+    for table in tables:
+        if table.num_rows:
+            values = pc.list_flatten(table["kinematics"]).to_numpy(zero_copy_only=False)
+            acc.update(values.reshape(-1, jigsaws.N_CHANNELS))
+    return acc
+
+
+def _partial_stats(batch: Any) -> dict[str, np.ndarray]:
+    """One Ray Data batch's (a pyarrow Table) partial statistics, merged on the driver."""
+    acc = _accumulate([batch])
     state = acc.state()
     if acc.count == 0:  # keep the column shapes equal across batches
         state = {"count": np.array([0]), "mean": np.zeros(jigsaws.N_CHANNELS),
@@ -246,7 +256,7 @@ def channel_stats(rows: TrialRows, names: set[str]) -> ChannelStats:
     ds = rows.dataset.select_columns(["name", "kinematics"])
     ds = ds.filter(expr=col("name").is_in(sorted(names)))
     total = ChannelStatsAccumulator()
-    for part in ds.map_batches(_partial_stats, batch_format="numpy").iter_rows():
+    for part in ds.map_batches(_partial_stats, batch_format="pyarrow").iter_rows():
         total.merge_state(part)
     return total.result()
 
@@ -256,15 +266,9 @@ def table_channel_stats(tables: list[Any], names: set[str]) -> ChannelStats:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    total = ChannelStatsAccumulator()
     wanted = pa.array(sorted(names), type=pa.string())
-    for table in tables:
-        kept = table.filter(pc.is_in(table["name"], value_set=wanted))
-        if kept.num_rows == 0:
-            continue
-        values = pc.list_flatten(kept["kinematics"]).to_numpy(zero_copy_only=False)
-        total.update(values.reshape(-1, jigsaws.N_CHANNELS))
-    return total.result()
+    kept = [t.filter(pc.is_in(t["name"], value_set=wanted)) for t in tables]
+    return _accumulate(kept).result()
 
 
 def window_dataset(rows: TrialRows, trials: list[Trial], cfg: SkillConfig,
