@@ -23,7 +23,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="data-parallel Train workers: N, or MIN-MAX for an elastic run that "
                         "continues on fewer workers after a lost node (0 = in the driver "
                         "process)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--cpus-per-worker", default="auto",
+                   help="CPUs (and torch threads) per Train worker; auto: raylab train on "
+                        "a local cluster shares this machine's cores between the workers, "
+                        "tune and joined clusters use 1")
     g.add_argument("--gpus-per-worker", type=float, default=0.0)
     g.add_argument("--storage", default=os.environ.get("RAYLAB_STORAGE", "runs"),
                    help="local folder or s3:// / gs:// URI for checkpoints and results")
@@ -31,6 +34,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-failures", type=int, default=0,
                    help="worker failures to recover from via the last checkpoint")
     g.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    g.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines from its workers and actors")
 
 
 def _config_flags(p: argparse.ArgumentParser) -> None:
@@ -122,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--out", default=None, help="timeline PNG (default FILE.timeline.png)")
     assess.add_argument("--quiet", action="store_true", help="only the final estimate")
 
-    bench = sub.add_parser("bench", help="benchmarks (figures for BENCHMARKS.md)")
-    bench.add_argument("name", choices=["train-overhead", "ingest", "latency", "scaling",
-                                        "ingest-images", "convnext-cifar", "dino-cifar",
-                                        "dino-scaling", "clear-table"])
+    from raylab.bench import BENCHES
+
+    bench = sub.add_parser("bench", help="benchmarks (figures for BENCHMARKS.md)",
+                           epilog="benchmarks: " + "; ".join(
+                               f"{name}: {b.about}" for name, b in BENCHES.items()))
+    bench.add_argument("name", choices=list(BENCHES))
     bench.add_argument("--data", default=None,
                        help="JIGSAWS shards, or for image benches an image shard folder or "
                             "ImageFolder (default: a fresh sample, or the CIFAR-10 subset)")
@@ -137,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clear-table: a DINO checkpoint for the frozen-feature rows")
     bench.add_argument("--seeds", type=int, default=3, help="clear-table: seeds per cell")
     bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
-    bench.add_argument("--only", nargs="+", default=None, metavar="STRATEGY",
-                       help="clear-table: run only these strategies' rows (into --out)")
+    bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                       help="clear-table: run only these strategies' rows (into --out); "
+                            "gpu-steps: convnext or dino")
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
     demo.add_argument("--out", default="demo_output")
@@ -147,18 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace, method: str) -> tuple[Any, str]:
-    from raylab.runtime.options import RunOptions, parse_workers
+    """The run options (checked) and the experiment name; the storage is resolved (and
+    created) later, by :func:`_storage`, once the config and the data are known good."""
+    from raylab.runtime.options import RunOptions, parse_cpus, parse_workers
 
     workers, max_workers = parse_workers(args.workers)
-    opts = RunOptions(workers=workers, max_workers=max_workers,
-                      cpus_per_worker=args.cpus_per_worker,
+    joins = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    cpus = parse_cpus(args.cpus_per_worker, max(workers, max_workers), joins,
+                      tuning=args.command == "tune")
+    opts = RunOptions(workers=workers, max_workers=max_workers, cpus_per_worker=cpus,
                       gpus_per_worker=args.gpus_per_worker, storage=args.storage,
                       name=args.name, max_failures=args.max_failures)
     opts.validate()
-    storage = opts.resolved_storage()
-    opts.storage = storage
     name = opts.name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return opts, name
+
+
+def _storage(opts: Any) -> None:
+    """Resolve ``opts.storage`` (a local folder is created and checked writable)."""
+    opts.storage = opts.resolved_storage()
 
 
 def _method_config(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -264,11 +279,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raylab.runtime.cluster import ensure_ray
 
     method, cfg = _method_config(args)
-    method.check(cfg)
     options, name = _options(args, method.name)
-    ensure_ray(args.address)
+    data = method.check(cfg, options)
+    _storage(options)
+    ensure_ray(args.address, verbose=args.verbose)
     print(f"raylab train {method.name}: experiment {name} in {options.storage}", flush=True)
-    summary = method.train(cfg, options, options.storage, name)
+    summary = method.train(cfg, options, options.storage, name, data=data)
     method.print_summary(summary)
     print(f"\nresults: {Path(options.storage) / name}")
     return 0
@@ -282,7 +298,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume:
         exp = Path(args.resume).resolve()
         tuner.load_spec(exp)  # fails early, before Ray starts, if EXP is not one
-        ensure_ray(args.address)
+        ensure_ray(args.address, verbose=args.verbose)
         print(f"resuming Tune experiment {exp}", flush=True)
         spec = tuner.resume_search(exp)
     else:
@@ -295,13 +311,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         method, cfg = _method_config(args)
         space = parse_space(method.Config, args.space or dict(method.default_space))
-        method.check(cfg)
         options, name = _options(args, method.name)
-        ensure_ray(args.address)
+        data = method.check(cfg, options, tune=True)
+        _storage(options)
+        ensure_ray(args.address, verbose=args.verbose)
         print(f"raylab tune {method.name}: {args.trials} trials, experiment {name} "
               f"in {options.storage}", flush=True)
-        spec = tuner.run_search(method.name, cfg, options, space, args.trials,
-                                options.storage, name, grace_period=args.grace_period)
+        spec = tuner.run_search(method, cfg, options, space, args.trials,
+                                options.storage, name, grace_period=args.grace_period,
+                                max_epochs=method.max_epochs(cfg, data))
         exp = Path(options.storage) / name
     result = collect(exp)
     out = write_report(result)
@@ -340,7 +358,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_clear_table(args: argparse.Namespace) -> int:
     from raylab.config import atomic_write_text
-    from raylab.methods.clear_table import (
+    from raylab.methods.clear.table import (
         build_table,
         find_summaries,
         format_markdown,
@@ -356,7 +374,7 @@ def cmd_clear_table(args: argparse.Namespace) -> int:
 
 
 def cmd_assess(args: argparse.Namespace) -> int:
-    from raylab.methods.skill_assess import assess_file
+    from raylab.methods.skill.assess import assess_file
 
     assess_file(args.checkpoint, args.file, out=args.out, quiet=args.quiet)
     return 0
@@ -365,18 +383,9 @@ def cmd_assess(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from raylab import bench
 
-    if args.name == "clear-table":
-        import tempfile
-
-        from raylab.bench_clear import bench_clear_table
-
-        with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
-            result = bench_clear_table(args.data, args.epochs, Path(tmp), args.features,
-                                       args.seeds, args.out, args.only)
-        result["date"] = time.strftime("%Y-%m-%d")
-        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=2))
-        return 0
-    bench.run(args.name, data=args.data, epochs=args.epochs, workers=args.workers)
+    bench.run(args.name, bench.BenchOptions(
+        data=args.data, epochs=args.epochs, workers=args.workers, features=args.features,
+        seeds=args.seeds, out=args.out, only=args.only))
     return 0
 
 

@@ -319,7 +319,57 @@ def require(condition: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
 
 
+# ----------------------------------------------------------------------------- shared keys
+
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """The keys every method's config has; a method's config subclasses it (or
+    :class:`EpochConfig`) and adds its own, with the paper's recipe as defaults."""
+
+    #: The shard folder (``--data DST``).
+    data: str = ""
+    seed: int = 0
+    precision: Precision = "fp32"
+
+
+@dataclasses.dataclass
+class EpochConfig(MethodConfig):
+    """Keys of the methods the engine trains epoch by epoch from Ray Data shards.
+
+    A subclass may declare a field again to change its default (the key stays where it
+    was in the saved ``config.yaml``).
+    """
+
+    #: Checkpoint every N epochs (and always after the last).
+    checkpoint_every: int = 5
+    #: Rows in each worker's local shuffle buffer (0: stream order).
+    shuffle_buffer: int = 1024
+    #: Keep each worker's evaluation rows (and training rows that do not change between
+    #: epochs) in memory after the first pass when they fit in this many MiB (0: stream
+    #: every epoch); see raylab.engine.batch_cache.
+    cache_mb: int = 1024
+    #: Read the shards once into Ray's object store when they total at most this many MiB
+    #: (0: stream from Parquet every epoch); see raylab.runtime.datasets.
+    materialize_mb: int = 512
+    #: Share of the training data held out as validation rows for `raylab tune` (Tune's
+    #: metric); the test rows never reach Tune.
+    val_fraction: float = 0.1
+
+    def validate(self) -> None:
+        require(self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1",
+                self.checkpoint_every)
+        for key in ("shuffle_buffer", "cache_mb", "materialize_mb"):
+            value = getattr(self, key)
+            require(value >= 0, key, "an integer >= 0", value)
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
+
+
 __all__ = [
-    "apply_overrides", "atomic_write_text", "field_type", "flatten", "from_dict", "load",
-    "parse_value", "require", "save_yaml", "to_dict", "validate",
+    "EpochConfig", "MethodConfig", "Precision", "apply_overrides", "atomic_write_text",
+    "field_type", "flatten", "from_dict", "load", "parse_value", "require", "save_yaml",
+    "to_dict", "validate",
 ]

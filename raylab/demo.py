@@ -35,7 +35,7 @@ def prepare_sample(out: Path) -> Path:
 
 
 def run_demo(out: Path, trials: int = 4) -> None:
-    from raylab.methods.skill import SkillConfig
+    from raylab.methods.skill import SkillConfig, SkillMethod
     from raylab.runtime import tuner
     from raylab.runtime.analysis import collect, format_table, write_report
     from raylab.runtime.cluster import ensure_ray
@@ -56,7 +56,8 @@ def run_demo(out: Path, trials: int = 4) -> None:
     print(f"[2/3] Ray Tune: {trials} trials over window in [30, 60, 90] "
           f"(OptunaSearch + ASHA, 1 Train worker per trial) ...", flush=True)
     ensure_ray()
-    tuner.run_search("skill", cfg, options, space, trials, storage, name, grace_period=2)
+    tuner.run_search(SkillMethod(), cfg, options, space, trials, storage, name,
+                     grace_period=2)
     result = collect(Path(storage) / name)
     report = write_report(result)
     print("[3/3] results\n")

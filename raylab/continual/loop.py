@@ -1,8 +1,9 @@
 """The one training loop every continual-learning strategy runs on (pure torch, no Ray).
 
-A TorchTrainer worker (or a plain script) calls :func:`train_bucket` once per bucket with its
-shard of the bucket's batches, then :func:`evaluate` / :func:`count_correct` on every test
-bucket to fill a row of the accuracy matrix. The strategy's hooks are described in
+A plain script calls :func:`train_bucket` once per bucket with its shard of the bucket's
+batches, then :func:`evaluate` / :func:`count_correct` on every test bucket to fill a row of
+the accuracy matrix; the CLEAR task drives the same :class:`BucketTrainer` from the engine's
+epoch loop. The strategy's hooks are described in
 :mod:`raylab.continual.strategies.base`; replay rows come in through ``replay``, a callable
 the caller builds from the buffer's row ids.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from raylab.continual.strategies.base import Batch, Bucket, Strategy, unpack_batch
-from raylab.runtime.precision import autocast
+from raylab.engine.precision import autocast
 
 ReplayFn = Callable[[int], Any]
 """``replay(n)`` returns ``n`` buffer rows as ``(x, y)`` (or ``{"image", "label"}``), or
@@ -36,6 +37,65 @@ def _factory(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Callable[[
     return lambda: batches
 
 
+class BucketTrainer:
+    """One bucket's training with a strategy, one step at a time.
+
+    Construction does what precedes the first step: ``model.train()``,
+    ``strategy.before_bucket(model, bucket)``, clearing the optimizer state when
+    ``strategy.from_scratch``. :meth:`step` is one step (below); :meth:`finish` calls
+    ``strategy.after_bucket(model, batches)``. :func:`train_bucket` runs all three over a
+    bucket's epochs; the CLEAR task (``raylab.methods.clear.task``) calls them from the
+    engine's loop.
+
+    One step: ``zero_grad``, ``loss = strategy.loss(model, x, y, replay_rows)`` under
+    autocast, ``backward`` (scaled for fp16), unscale, ``strategy.after_backward(model)``,
+    ``optimizer.step()``. ``replay_rows`` is ``replay(strategy.replay_size(len(y)))`` when
+    that size is positive and ``replay`` is given, else None.
+    """
+
+    def __init__(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
+                 device: torch.device | str, precision: str = "fp32", *,
+                 bucket: Bucket | None = None, replay: ReplayFn | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.model, self.strategy, self.optimizer = model, strategy, optimizer
+        self.device = torch.device(device)
+        self.precision = precision
+        self.bucket = Bucket(strategy.buckets_seen) if bucket is None else bucket
+        self.replay = replay
+        self.steps = self.samples = self.replayed = 0
+        model.train()
+        strategy.before_bucket(model, self.bucket)
+        if strategy.from_scratch:
+            optimizer.state.clear()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    def step(self, batch: Any) -> tuple[float, int, int]:
+        """One step on ``batch``; returns (loss, rows, replayed rows)."""
+        x, y = unpack_batch(batch, self.device)
+        rows = _replay_rows(self.strategy, self.replay, len(y), self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            loss = self.strategy.loss(self.model, x, y, rows)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        self.strategy.after_backward(self.model)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        replayed = 0 if rows is None else len(rows[1])
+        self.steps += 1
+        self.samples += len(y)
+        self.replayed += replayed
+        return float(loss.detach()), len(y), replayed
+
+    def finish(self, batches: Callable[[], Iterable[Any]]) -> None:
+        """After the bucket's last step: ``strategy.after_bucket(model, batches)``
+        (``batches()`` returns a fresh pass over the bucket, e.g. for EWC's Fisher)."""
+        if self.steps == 0:
+            raise ValueError(f"bucket {self.bucket.index} yielded no batches")
+        self.strategy.after_bucket(self.model, batches)
+
+
 def train_bucket(
     model: nn.Module,
     strategy: Strategy,
@@ -48,15 +108,8 @@ def train_bucket(
     bucket: Bucket | None = None,
     replay: ReplayFn | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on one bucket with ``strategy``'s hooks.
-
-    Order: ``model.train()``; ``strategy.before_bucket(model, bucket)``; the optimizer
-    state is cleared when ``strategy.from_scratch``; then for each epoch and batch:
-    ``zero_grad``, ``loss = strategy.loss(model, x, y, replay_rows)`` under autocast,
-    ``backward`` (scaled for fp16), unscale, ``strategy.after_backward(model)``,
-    ``optimizer.step()``; finally ``strategy.after_bucket(model, batches_factory)``.
-    ``replay_rows`` is ``replay(strategy.replay_size(len(y)))`` when that size is positive
-    and ``replay`` is given, else None.
+    """Train ``model`` on one bucket with ``strategy``'s hooks (a :class:`BucketTrainer`
+    over ``epochs`` passes of ``batches``).
 
     Args:
         model: The model (possibly DDP-wrapped), already on ``device``.
@@ -82,45 +135,21 @@ def train_bucket(
     """
     if int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
     factory = _factory(batches)
-    bucket = Bucket(strategy.buckets_seen) if bucket is None else bucket
-    model.train()
-    strategy.before_bucket(model, bucket)
-    if strategy.from_scratch:
-        optimizer.state.clear()
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    trainer = BucketTrainer(model, strategy, optimizer, device, precision, bucket=bucket,
+                            replay=replay)
     epoch_losses: list[float] = []
-    steps = samples = replayed = 0
     for _ in range(int(epochs)):
-        total = torch.zeros((), device=device)
-        count = 0
-        for batch in factory():
-            x, y = unpack_batch(batch, device)
-            rows = _replay_rows(strategy, replay, len(y), device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = strategy.loss(model, x, y, rows)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            strategy.after_backward(model)
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.detach().float()
-            count += 1
-            samples += len(y)
-            replayed += 0 if rows is None else len(rows[1])
-        if count == 0:
-            raise ValueError(f"bucket {bucket.index} yielded no batches")
-        steps += count
-        epoch_losses.append(float(total) / count)
+        losses = [trainer.step(batch)[0] for batch in factory()]
+        if not losses:
+            raise ValueError(f"bucket {trainer.bucket.index} yielded no batches")
+        epoch_losses.append(sum(losses) / len(losses))
         if not math.isfinite(epoch_losses[-1]):
-            raise ValueError(f"the loss of bucket {bucket.index} is {epoch_losses[-1]}")
-    strategy.after_bucket(model, factory)
-    return {"loss": epoch_losses[-1], "epoch_losses": epoch_losses, "steps": steps,
-            "samples": samples, "replay_samples": replayed}
+            raise ValueError(f"the loss of bucket {trainer.bucket.index} is "
+                             f"{epoch_losses[-1]}")
+    trainer.finish(factory)
+    return {"loss": epoch_losses[-1], "epoch_losses": epoch_losses, "steps": trainer.steps,
+            "samples": trainer.samples, "replay_samples": trainer.replayed}
 
 
 def _replay_rows(strategy: Strategy, replay: ReplayFn | None, batch_size: int,

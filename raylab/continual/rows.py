@@ -55,18 +55,20 @@ def _read_column(paths: Sequence[str], column: str) -> list[Any]:
     return values
 
 
-def stream_rows(dst: str | os.PathLike, buckets: Sequence[int] | None = None
+def stream_rows(dst: str | os.PathLike, buckets: Sequence[int] | None = None,
+                manifest: dict[str, Any] | None = None
                 ) -> dict[int, tuple[list[int], list[int]]]:
     """``{bucket: (row ids, labels)}`` of a converted stream (labels only are read).
 
     This is what :class:`~raylab.continual.stream.StreamProtocol` is built from.
+    ``manifest``: the stream's manifest when the caller has read it already.
 
     Raises:
         DataError: The stream or one of its shards is unreadable.
     """
     from raylab.data.clear import bucket_paths, read_stream_manifest
 
-    manifest = read_stream_manifest(dst)
+    manifest = read_stream_manifest(dst) if manifest is None else manifest
     chosen = manifest["buckets"] if buckets is None else list(buckets)
     out = {}
     for b in chosen:

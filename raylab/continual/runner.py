@@ -1,35 +1,16 @@
-"""One learner walking the stream: ask the stream for a bucket, train, evaluate, finish.
+"""What a learner needs per bucket of the stream: settings, batches, replay, evaluation.
 
-Pure torch (no Ray). ``client`` is anything with the :class:`~raylab.continual.stream.
-StreamService` methods ``next_bucket``, ``test_ids`` and ``finish_bucket``: the service
-itself (tests, benchmarks) or :class:`~raylab.continual.stream.ActorClient` around the
-stream actor (Ray Train workers). The rows come from an
-:class:`~raylab.continual.rows.ImageRows` or :class:`~raylab.continual.rows.FeatureRows`.
-
-Order per bucket ``t`` (what makes a restart safe):
-
-1. ``client.next_bucket(rank, world_size)``: this worker's shard of the training rows and
-   the replay buffer's ids;
-2. :func:`~raylab.continual.loop.train_bucket` with the strategy's hooks, a fresh optimizer
-   (as avalanche builds one per experience);
-3. evaluation on every labelled bucket's test rows; the per-bucket counts are summed over
-   workers with one all-reduce, so every worker holds the same accuracies;
-4. ``on_bucket(result)``: the caller reports and checkpoints (model, strategy state and the
-   accuracies of ``t``), then all workers wait for each other (a collective);
-5. ``client.finish_bucket(t, accuracies)`` from every worker: the first call records row
-   ``R[t]`` and advances the cursor, the others are no-ops (the stream accepts an identical
-   repeat).
-
-A run restored from the checkpoint of step 4 passes ``resume`` = that bucket and its
-accuracies: step 5 is repeated first (a no-op if it happened before the crash), so no
-bucket is trained twice or skipped.
+Pure torch (no Ray). The rows come from an :class:`~raylab.continual.rows.ImageRows` or
+:class:`~raylab.continual.rows.FeatureRows` (fetched by row id); ``client`` is anything with
+the :class:`~raylab.continual.stream.StreamService` methods (the service itself, or the
+stream actor behind a plain proxy). The CLEAR task (``raylab.methods.clear.task``) puts
+these together on the engine's loop, one bucket per epoch.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylab.continual.loop import count_correct, train_bucket
-from raylab.continual.strategies.base import Bucket, Strategy
+from raylab.continual.loop import count_correct
 from raylab.transforms.batch_aug import pad_crop_flip
 
 log = logging.getLogger("raylab")
@@ -98,8 +78,8 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _train_batches(rows: Any, ids: Sequence[int], per_worker: int, prepare: Prepare,
-                   seed: int, bucket: int, rank: int) -> Callable[[], list[tuple]]:
+def train_batches(rows: Any, ids: Sequence[int], per_worker: int, prepare: Prepare,
+                  seed: int, bucket: int, rank: int) -> Callable[[], Any]:
     """A factory of shuffled, augmented batches: call ``k`` draws epoch ``k``'s order."""
     calls = [0]
 
@@ -117,8 +97,8 @@ def _train_batches(rows: Any, ids: Sequence[int], per_worker: int, prepare: Prep
     return batches
 
 
-def _replay(rows: Any, ids: Sequence[int], prepare: Prepare, seed: int, bucket: int,
-            rank: int) -> Callable[[int], Any] | None:
+def replay_sampler(rows: Any, ids: Sequence[int], prepare: Prepare, seed: int, bucket: int,
+                   rank: int) -> Callable[[int], Any] | None:
     """``replay(n)``: ``n`` buffer rows drawn uniformly without replacement per step."""
     if not ids:
         return None
@@ -137,8 +117,9 @@ def _replay(rows: Any, ids: Sequence[int], prepare: Prepare, seed: int, bucket: 
 def evaluate_buckets(model: nn.Module, rows: Any, client: Any, buckets: Sequence[int],
                      prepare: Prepare, settings: BucketSettings, device: torch.device,
                      rank: int = 0, world_size: int = 1, reduce_sum: ReduceSum | None = None
-                     ) -> dict[int, float]:
-    """Accuracy on each bucket's test rows (every worker evaluates its part; summed)."""
+                     ) -> tuple[dict[int, float], int]:
+    """Accuracy on each bucket's test rows (every worker evaluates its part; summed), and
+    how many rows were scored over all workers and buckets."""
     counts = torch.zeros(len(buckets), 2, dtype=torch.float64)
     for k, b in enumerate(buckets):
         ids = client.test_ids(b, rank, world_size)
@@ -154,7 +135,7 @@ def evaluate_buckets(model: nn.Module, rows: Any, client: Any, buckets: Sequence
         if n == 0:
             raise ValueError(f"bucket {b} has no test rows")
         out[int(b)] = correct / n
-    return out
+    return out, int(counts[:, 1].sum().item())
 
 
 def _eval_batch(rows: Any, ids: Sequence[int], prepare: Prepare) -> tuple[torch.Tensor, ...]:
@@ -162,92 +143,4 @@ def _eval_batch(rows: Any, ids: Sequence[int], prepare: Prepare) -> tuple[torch.
     return prepare(x, False, None), y
 
 
-def run_stream(
-    client: Any,
-    rows: Any,
-    model: nn.Module,
-    strategy: Strategy,
-    settings: BucketSettings,
-    device: torch.device | str,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    reduce_sum: ReduceSum | None = None,
-    resume: Mapping[str, Any] | None = None,
-    on_bucket: Callable[[dict[str, Any]], None] | None = None,
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-) -> list[dict[str, Any]]:
-    """Train ``model`` through every remaining bucket of the stream (module docstring).
-
-    Args:
-        client: The stream (service or actor client).
-        rows: Fetches rows by id (images or features).
-        model: On ``device``; DDP-wrapped when ``world_size > 1``.
-        strategy: The continual-learning strategy (its state is restored by the caller).
-        settings: Epochs, batch, optimizer, augmentation.
-        device: Where training runs.
-        rank, world_size: This worker's place among the data-parallel workers.
-        reduce_sum: Sums a tensor over workers (needed when ``world_size > 1``).
-        resume: ``{"bucket", "accuracies"}`` saved by ``on_bucket`` before a restart.
-        on_bucket: Called after each bucket with ``{"bucket", "index", "accuracies",
-            "train": train_bucket's stats, "seconds"}``, before the stream is told.
-        make_optimizer: A new optimizer for each bucket; default SGD from ``settings``.
-
-    Returns:
-        The ``on_bucket`` results of the buckets trained in this call.
-
-    Raises:
-        StreamError: ``resume`` names a bucket the stream cannot accept as finished (e.g.
-            its state belongs to another run).
-    """
-    device = torch.device(device)
-    if world_size > 1 and reduce_sum is None:
-        raise ValueError("several workers need reduce_sum to agree on accuracies")
-    strategy.all_reduce = reduce_sum if world_size > 1 else None
-    make_optimizer = make_optimizer or (lambda m: torch.optim.SGD(
-        [p for p in m.parameters() if p.requires_grad], lr=settings.lr,
-        momentum=settings.momentum, weight_decay=settings.weight_decay))
-    per_worker = max(1, settings.batch_size // world_size)
-    prepare = Prepare(device, settings.padding)
-    if resume is not None:
-        _replay_finish(client, resume)
-    results = []
-    while True:
-        info = client.next_bucket(rank, world_size)
-        if info is None:
-            return results
-        t0 = time.perf_counter()
-        t = int(info["bucket"])
-        counts = {int(k): int(v) for k, v in info["class_counts"].items()}
-        stats = train_bucket(
-            model, strategy,
-            _train_batches(rows, info["train_ids"], per_worker, prepare, settings.seed, t, rank),
-            make_optimizer(model), device, settings.epochs, settings.precision,
-            bucket=Bucket(int(info["index"]), counts),
-            replay=_replay(rows, info["replay_ids"], prepare, settings.seed, t, rank))
-        accuracies = evaluate_buckets(model, rows, client, info["eval_buckets"], prepare,
-                                      settings, device, rank, world_size, reduce_sum)
-        result = {"bucket": t, "index": int(info["index"]), "accuracies": accuracies,
-                  "train": stats, "num_train": int(info["num_train"]),
-                  "seconds": time.perf_counter() - t0}
-        if on_bucket is not None:
-            on_bucket(result)
-        if world_size > 1:
-            # A collective as a barrier: no worker tells the stream before every worker's
-            # on_bucket returned, i.e. before rank 0's checkpoint is fully written (Ray
-            # Train's report does not wait for the other ranks).
-            reduce_sum(torch.zeros(1))
-        client.finish_bucket(t, accuracies)
-        results.append(result)
-
-
-def _replay_finish(client: Any, resume: Mapping[str, Any]) -> None:
-    """Tell the stream again that the checkpointed bucket is finished; check the cursor."""
-    t = int(resume["bucket"])
-    accuracies = {int(j): float(a) for j, a in resume["accuracies"].items()}
-    out = client.finish_bucket(t, accuracies)
-    log.info("resumed after bucket %d (%s)", t,
-             "the stream had recorded it" if out.get("replayed") else "recorded it now")
-
-
-__all__ = ["BucketSettings", "Prepare", "evaluate_buckets", "run_stream"]
+__all__ = ["BucketSettings", "Prepare", "evaluate_buckets", "replay_sampler", "train_batches"]

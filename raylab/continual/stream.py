@@ -4,9 +4,10 @@
 of every bucket, the cursor (which bucket is released for training), the replay buffer (row
 ids and labels, :mod:`raylab.continual.buffers`) and the accuracy matrix ``R``
 (:class:`~raylab.metrics.continual.AccuracyMatrix`). :class:`StreamService` wraps it with a
-state file that is rewritten atomically after every change, and :func:`start_stream` runs
-the service as a named, restartable Ray actor; a restarted actor re-runs ``__init__``, which
-loads the file, so it resumes where it stopped (``RAY_NOTES.md``, stateful actors).
+state file that is rewritten atomically after every change, and
+:func:`raylab.runtime.actors.start_stream` runs the service as a named, restartable Ray
+actor; a restarted actor re-runs ``__init__``, which loads the file, so it resumes where it
+stopped (``RAY_NOTES.md``, stateful actors).
 
 Buckets and rows (``METHODS.md`` section 3). ``bucket_rows`` maps a bucket index to its
 ``(row ids, labels)``; row ids are ints unique across the whole stream (the caller's
@@ -31,6 +32,15 @@ Protocols:
   ``R[i][i+1]`` is the accuracy on ``b_{i+1}`` *before* training on it: today's test set is
   tomorrow's training set, and the next-domain accuracy is the streaming score. (``R[i][i]``
   is then an accuracy on rows just trained on.)
+
+Validation rows (``val_fraction``). A share of each bucket's training pool (IID: its train
+split; streaming: all of it) is set aside, stratified by label with the rule above and
+``default_rng([seed, bucket, 1])``. A *validating* stream (``validate=True``, a Tune trial)
+trains on the pool without them and measures ``R`` on them; the final run trains on the
+whole pool and never measures on them (IID: its test split as above; streaming: all of the
+bucket but its validation rows). So the rows behind Tune's metric are never the rows behind
+the final one. With ``val_fraction=0`` the streaming test sets are whole buckets, as in the
+paper, and the stream cannot validate.
 
 Replay. With a buffer, bucket ``b_t``'s training rows are added to it once, when ``b_t``
 is finished (``finish_bucket``), so training on ``b_t`` replays the buffer as it was after
@@ -164,6 +174,10 @@ class StreamProtocol:
         seed: Seed of the IID split and the streaming order.
         trains_on_buffer: Train on the buffer after adding the bucket to it (GDumb).
         from_scratch: The strategy re-initialises the model per bucket (reported to workers).
+        val_fraction: Share of each bucket's training pool set aside as validation rows
+            (module docstring), in [0, 1).
+        validate: Train without the validation rows and measure ``R`` on them (a Tune
+            trial); needs ``val_fraction > 0``.
 
     Raises:
         ConfigError: A bad protocol, fraction or buffer config.
@@ -172,22 +186,28 @@ class StreamProtocol:
 
     def __init__(self, bucket_rows: Mapping[Any, Sequence[Sequence[int]]], protocol: str = "iid",
                  train_fraction: float = 0.7, buffer: Mapping[str, Any] | None = None,
-                 seed: int = 0, trains_on_buffer: bool = False, from_scratch: bool = False
-                 ) -> None:
+                 seed: int = 0, trains_on_buffer: bool = False, from_scratch: bool = False,
+                 val_fraction: float = 0.0, validate: bool = False) -> None:
         if protocol not in PROTOCOLS:
             raise ConfigError(f"stream protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not 0.0 < float(train_fraction) < 1.0:
             raise ConfigError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
         if trains_on_buffer and buffer is None:
             raise ConfigError("trains_on_buffer (GDumb) needs a replay buffer config")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if validate and not val_fraction:
+            raise ConfigError("a validating stream needs val_fraction > 0")
         self.config = {"protocol": protocol, "train_fraction": float(train_fraction),
                        "buffer": None if buffer is None else dict(buffer), "seed": int(seed),
                        "trains_on_buffer": bool(trains_on_buffer),
-                       "from_scratch": bool(from_scratch)}
+                       "from_scratch": bool(from_scratch),
+                       "val_fraction": float(val_fraction), "validate": bool(validate)}
         self.rows = _normalise_rows(bucket_rows)
         self.buckets = [b for b in self.rows if b != PRETRAIN_BUCKET]
+        self.label = {row: y for ids, labels in self.rows.values() for row, y in zip(ids, labels)}
         self.buffer = None if buffer is None else self._build_buffer(dict(buffer))
-        self.train = {b: self._split(b) for b in self.buckets}
+        self.train = {b: self._training_pool(b) for b in self.buckets}
         self.matrix = AccuracyMatrix(len(self.buckets))
         self.cursor = 0
         self._setup()
@@ -202,30 +222,62 @@ class StreamProtocol:
         return build_buffer(kind, cfg.pop("capacity"), seed=cfg.pop("seed", self.seed), **cfg)
 
     def _split(self, b: int) -> list[int]:
+        """The bucket's training pool: IID its train split, streaming all its rows."""
         ids, labels = self.rows[b]
         rng = np.random.default_rng([self.seed, b])
         if self.protocol == "streaming":
             return rng.permutation(ids).tolist()
         return _split_iid(ids, labels, self.config["train_fraction"], rng)
 
+    def _val_split(self, b: int, pool: list[int]) -> list[int]:
+        """The validation rows of bucket ``b``: a stratified share of its training pool."""
+        fraction = self.config.get("val_fraction", 0.0)
+        if not fraction:
+            return []
+        keep = set(_split_iid(pool, [self.label[row] for row in pool], 1.0 - fraction,
+                              np.random.default_rng([self.seed, b, 1])))
+        return [row for row in pool if row not in keep]
+
+    def _training_pool(self, b: int) -> list[int]:
+        """The rows bucket ``b`` trains on: its pool, less its validation rows when the
+        stream validates."""
+        pool = self._split(b)
+        if not self.config.get("validate"):
+            return pool
+        val = set(self._val_split(b, pool))
+        return [row for row in pool if row not in val]
+
     def _setup(self) -> None:
         """Derived lookups, then the split invariants (also run after loading a state)."""
         self.label = {row: y for ids, labels in self.rows.values() for row, y in zip(ids, labels)}
         self.position = {b: i for i, b in enumerate(self.buckets)}
         self.test: dict[int, list[int]] = {}
+        #: Rows that must never be trained on: the IID test splits, and the validation rows
+        #: of a validating stream.
+        self.held_out: set[int] = set()
+        validate = self.config.get("validate", False)
         for b in self.buckets:
             ids, train = self.rows[b][0], set(self.train[b])
             if not train <= set(ids) or len(train) != len(self.train[b]):
                 raise StreamError(f"the train ids of bucket {b} are not distinct rows of it")
-            self.test[b] = list(ids) if self.protocol == "streaming" else [
-                row for row in ids if row not in train]
-        self.iid_test = set()
-        if self.protocol == "iid":
-            self.iid_test = {row for b in self.buckets for row in self.test[b]}
-            for b in self.buckets:
-                if not self.test[b] or self.iid_test.intersection(self.train[b]):
-                    raise StreamError(f"IID bucket {b}: its test rows are empty or overlap "
-                                      "training rows")
+            pool = self._split(b)
+            val = self._val_split(b, pool)
+            if validate:
+                self.test[b] = val
+            elif self.protocol == "streaming":
+                val_set = set(val)
+                self.test[b] = [row for row in ids if row not in val_set]
+            else:
+                pooled = set(pool)
+                self.test[b] = [row for row in ids if row not in pooled]
+            if self.protocol == "iid":
+                pooled = set(pool)
+                self.held_out.update(row for row in ids if row not in pooled)
+            if validate:
+                self.held_out.update(val)
+            if not self.test[b] or self.held_out.intersection(self.train[b]):
+                raise StreamError(f"bucket {b}: its test rows are empty or overlap training "
+                                  "rows")
         self._preview: tuple[int, ReplayBuffer] | None = None
 
     @property
@@ -284,10 +336,10 @@ class StreamProtocol:
         replay_labels: list[int] = []
         if self.buffer is not None and not self.config["trains_on_buffer"]:
             replay_ids, replay_labels = self.buffer.ids().tolist(), self.buffer.labels().tolist()
-        leaked = self.iid_test.intersection(ids + replay_ids)
+        leaked = self.held_out.intersection(ids + replay_ids)
         if leaked:
-            raise StreamError(f"bucket {t}: {len(leaked)} test rows of the IID protocol would "
-                              f"be trained on (e.g. {sorted(leaked)[:3]})")
+            raise StreamError(f"bucket {t}: {len(leaked)} held-out test or validation rows "
+                              f"would be trained on (e.g. {sorted(leaked)[:3]})")
         pick = shard_indices(len(ids), rank, world_size)
         return {"bucket": t, "index": self.position[t],
                 "train_ids": [ids[k] for k in pick], "train_labels": [labels[k] for k in pick],
@@ -321,7 +373,8 @@ class StreamProtocol:
 
     def test_ids(self, bucket: int, rank: int = 0, world_size: int = 1) -> list[int]:
         """The rows to evaluate bucket ``bucket`` on (IID: its test split; streaming: all
-        of it), worker ``rank``'s part of them (an unpadded partition).
+        of it but its validation rows; validating: its validation rows), worker ``rank``'s
+        part of them (an unpadded partition).
 
         Raises:
             StreamError: ``bucket`` is not a labelled bucket; a bad rank.
@@ -466,7 +519,8 @@ class StreamProtocol:
 class StreamService:
     """The stream as a service: a :class:`StreamProtocol` persisted to ``state_path``.
 
-    Usable as a plain object (tests) or as a Ray actor (:func:`start_stream`). ``__init__``
+    Usable as a plain object (tests) or as a Ray actor
+    (:func:`raylab.runtime.actors.start_stream`). ``__init__``
     resumes from ``state_path`` when the file exists (a restarted actor re-runs it), after
     checking that ``protocol_kwargs``, when given, describe the same stream; otherwise it
     builds a fresh protocol and saves it at once, so the split is fixed from the start.
@@ -533,63 +587,5 @@ class StreamService:
                 "buffer_rows": 0 if p.buffer is None else len(p.buffer), "done": p.done}
 
 
-def start_stream(name: str, state_path: str | os.PathLike, *, namespace: str | None = None,
-                 num_cpus: float = 0, **protocol_kwargs: Any) -> Any:
-    """Start (or get, if already running) the named stream actor; returns its handle.
-
-    The actor restarts without limit (``max_restarts=-1``) and retries calls that a crash
-    interrupted (``max_task_retries=-1``); a restart resumes from ``state_path``. It lives
-    as long as the driver that started it (``lifetime=None``); a new driver resumes from
-    the same file. Needs ``ray.init`` first; workers find it with :func:`get_stream`.
-    """
-    import ray
-
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1)(StreamService)
-    return actor.options(name=name, namespace=namespace, get_if_exists=True, lifetime=None,
-                         num_cpus=num_cpus).remote(os.fspath(state_path), **protocol_kwargs)
-
-
-def get_stream(name: str, namespace: str | None = None) -> Any:
-    """The handle of the running stream actor ``name`` (in a TorchTrainer worker)."""
-    import ray
-
-    return ray.get_actor(name, namespace=namespace)
-
-
-class ActorClient:
-    """The stream actor behind the plain :class:`StreamService` interface: each call is a
-    blocking ``ray.get``, so the learner's code (:func:`raylab.continual.runner.run_stream`)
-    is the same for the actor and for a local service.
-
-    ``timeout_s`` bounds each call: a restarting actor answers after its restart, a lost
-    one raises instead of hanging the workers."""
-
-    def __init__(self, handle: Any, timeout_s: float = 600.0) -> None:
-        self.handle = handle
-        self.timeout_s = timeout_s
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        import ray
-
-        ref = getattr(self.handle, method).remote(*args, **kwargs)
-        return ray.get(ref, timeout=self.timeout_s)
-
-    def next_bucket(self, rank: int = 0, world_size: int = 1, bucket: int | None = None
-                    ) -> dict[str, Any] | None:
-        return self._call("next_bucket", rank, world_size, bucket)
-
-    def test_ids(self, bucket: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        return self._call("test_ids", bucket, rank, world_size)
-
-    def finish_bucket(self, bucket: int, accuracies: Mapping[int, float]) -> dict[str, Any]:
-        return self._call("finish_bucket", bucket, dict(accuracies))
-
-    def metrics(self) -> dict[str, Any]:
-        return self._call("metrics")
-
-    def state(self, full: bool = False) -> dict[str, Any]:
-        return self._call("state", full)
-
-
-__all__ = ["PROTOCOLS", "ActorClient", "StreamError", "StreamProtocol", "StreamService",
-           "get_stream", "shard_indices", "start_stream", "strategy_flags"]
+__all__ = ["PROTOCOLS", "StreamError", "StreamProtocol", "StreamService", "shard_indices",
+           "strategy_flags"]

@@ -1,4 +1,7 @@
-"""One module per paper. Each registers itself with :func:`raylab.registry.register_method`."""
+"""One package per paper (``raylab/methods/<name>/``), each registering one method.
+
+:mod:`.base` is what they share: the driver-side flow of ``train`` and Tune trials.
+"""
 
 from typing import Any
 
@@ -6,10 +9,10 @@ from typing import Any
 def load_backbone(checkpoint: Any, which: str = "teacher") -> Any:
     """A trained DINO teacher (or student) backbone as a frozen feature extractor.
 
-    See :func:`raylab.methods.dino.load_backbone`; imported lazily so that
+    See :func:`raylab.models.backbones.load_backbone`; imported lazily so that
     ``import raylab.methods`` stays light.
     """
-    from raylab.methods.dino import load_backbone as _load
+    from raylab.models.backbones import load_backbone as _load
 
     return _load(checkpoint, which)
 

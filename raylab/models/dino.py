@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from raylab.errors import ConfigError
+from raylab.models.timm_names import check_timm_model
 from raylab.optim.param_groups import unwrap_model
 
 _VIT_PREFIXES = ("vit_", "deit_", "deit3_")
@@ -170,10 +171,7 @@ def build_backbone(name: str, img_size: int, patch_size: int | None = None,
             not a multiple of the patch size, or arguments timm rejects.
     """
     arch = name.split(".")[0]
-    if not timm.is_model(arch):
-        family = arch.split("_")[0]
-        hint = timm.list_models(f"{family}*")[:6]
-        raise ConfigError(f"unknown timm model {name!r}" + (f"; e.g. {hint}" if hint else ""))
+    check_timm_model(name, key=None)
     if int(img_size) != img_size or img_size < 1:
         raise ConfigError(f"img_size must be an integer >= 1, got {img_size!r}")
     kwargs: dict[str, Any] = dict(model_kwargs)

@@ -3,7 +3,7 @@
 A thin wrapper of ``timm.utils.ModelEmaV3`` that looks through DDP / ``torch.compile``
 wrappers, keeps the averaged copy frozen in eval mode, and saves/loads a plain state dict
 of that copy (the same keys as the bare model, so EMA weights load into a model for
-evaluation). ``raylab.runtime.checkpoint.save_checkpoint(ema=...)`` accepts it: both read
+evaluation). ``raylab.engine.checkpoint.save_checkpoint(ema=...)`` accepts it: both read
 ``.module``.
 """
 

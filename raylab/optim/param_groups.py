@@ -16,8 +16,8 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from raylab.engine.checkpoint import unwrap_model
 from raylab.errors import ConfigError
-from raylab.runtime.checkpoint import unwrap_model
 
 # fnmatch patterns (full parameter names) that never get weight decay, at any depth.
 DEFAULT_NO_WEIGHT_DECAY = (
@@ -66,7 +66,7 @@ def param_groups(
     Returns:
         Non-empty groups, each ``{"params", "weight_decay", "lr_scale"}``; every trainable
         parameter is in exactly one group. Apply ``lr_scale`` with
-        :func:`raylab.runtime.schedules.set_lr`.
+        :func:`raylab.engine.schedules.set_lr`.
 
     Raises:
         ConfigError: ``weight_decay`` < 0 or ``layer_decay`` outside (0, 1].
@@ -104,7 +104,7 @@ def build_optimizer(
     """AdamW or SGD (with momentum) over :func:`param_groups`.
 
     Each group starts at ``lr * lr_scale`` and keeps its ``lr_scale`` key, so that a
-    per-iteration schedule can set ``lr`` with :func:`raylab.runtime.schedules.set_lr`.
+    per-iteration schedule can set ``lr`` with :func:`raylab.engine.schedules.set_lr`.
 
     Args:
         model: The model.

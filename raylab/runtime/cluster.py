@@ -18,6 +18,57 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+#: Ray's messages to the driver that tell a raylab user nothing they can act on; dropped
+#: unless ``--verbose`` (each is matched as a substring of the log message).
+RAY_NOISE = (
+    "Token authentication is enabled for this Ray cluster",
+    "The given NumPy array is not writable",
+    # raylet, when Ray Data's split coordinators and task workers start together
+    "worker processes have been started on node",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in RAY_NOISE)
+
+
+def quiet_ray_noise() -> None:
+    """Drop :data:`RAY_NOISE` from Ray's loggers and warnings in this process."""
+    noise_filter = _DropNoise()
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(noise_filter)
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(noise_filter)
+    for noise in RAY_NOISE:
+        warnings.filterwarnings("ignore", message=f".*{noise}")
+    _filter_raylet_messages()
+
+
+def _filter_raylet_messages() -> None:
+    """Messages the raylet sends the driver are printed directly, not logged: drop the
+    :data:`RAY_NOISE` among them (a wrapper around Ray's printer; left alone if this Ray
+    has another layout)."""
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_raylab_filtered", False):
+        return
+
+    def filtered(data: dict, *args: object, **kwargs: object) -> None:
+        lines = [line for line in data.get("lines", [])
+                 if not any(noise in str(line) for noise in RAY_NOISE)]
+        if lines:
+            printer(dict(data, lines=lines), *args, **kwargs)
+
+    filtered._raylab_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+
+
 #: Logical CPUs a local cluster gets beyond the machine's cores. Ray Data's read and
 #: windowing tasks need a free CPU slot to run; without this, N workers on N cores hold
 #: every slot and the input pipeline (and so training) waits forever.
@@ -28,16 +79,23 @@ def local_cpus() -> int:
     return (os.cpu_count() or 1) + DATA_HEADROOM_CPUS
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None,
+               verbose: bool = False) -> None:
     """Start or join Ray once per process.
 
     Inside a Ray job (``RAY_ADDRESS`` set, or ``address`` given) this joins that cluster.
     Otherwise it starts a local one whose dashboard and job API listen on 127.0.0.1
     only, with Ray's token authentication left on. The local
     cluster has :data:`DATA_HEADROOM_CPUS` more logical CPUs than cores (see there).
+
+    Ray's workers and actors log to their own files; only with ``verbose`` are those lines
+    also copied to this process's output (Ray's default). raylab's own progress and its
+    workers' warnings reach the console either way (:mod:`raylab.runtime.console`).
     """
     import ray
 
+    if not verbose:
+        quiet_ray_noise()
     if ray.is_initialized():
         quiet_ray_data()
         return
@@ -46,7 +104,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING)
     else:
         # The local cluster's processes inherit this environment, so Ray Data logs with
         # this config in every task and actor. A job runtime_env carrying it would make
@@ -61,10 +119,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # wait forever for CPUs). It listens on loopback only.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            log_to_driver=True,
+            log_to_driver=verbose,
             logging_level=logging.WARNING,
             configure_logging=True,
         )
+    if not verbose:
+        quiet_ray_noise()  # again: ray.init set up its handlers
     quiet_ray_data()
 
 
@@ -72,3 +132,13 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return dict(ray.cluster_resources())
+
+
+def limit_data_cpus(cpus: float) -> None:
+    """Cap the CPUs Ray Data may use in this process's pipelines (benchmarks compare it
+    with a DataLoader of as many processes)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        cpu=cpus)

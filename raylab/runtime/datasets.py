@@ -92,3 +92,11 @@ def _read_local_shard(path: str, columns: list[str]) -> Any:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise unreadable_shard(path, exc) from None
+
+
+def keep_rows(ds: Any, column: str, values: set[str] | list[str]) -> Any:
+    """The rows of ``ds`` whose ``column`` is one of ``values`` (a Ray Data expression, so
+    the filter runs in Arrow without Python per row)."""
+    from ray.data.expressions import col
+
+    return ds.filter(expr=col(column).is_in(sorted(values)))

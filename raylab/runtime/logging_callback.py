@@ -2,6 +2,8 @@
 
 Ray Train keeps only the metrics reported with a checkpoint (RAY_NOTES); this callback
 runs in the Train controller and sees every report, so the per-epoch history survives.
+Each report names its run (``run``: ``run``, a fold, a Tune trial), whose folder under the
+experiment receives it: ``<experiment>/<run>/metrics.jsonl`` and ``.../tensorboard/``.
 """
 
 from __future__ import annotations
@@ -13,34 +15,38 @@ from typing import Any
 
 import ray.train
 
+from raylab.engine.loop import REPLAYED, RUN
+
 
 class MetricsLogger(ray.train.UserCallback):
-    """Append rank-0 metrics to ``<folder>/metrics.jsonl`` and TensorBoard scalars."""
+    """Append rank-0 metrics to ``<experiment>/<run>/metrics.jsonl`` and TensorBoard."""
 
-    def __init__(self, folder: str, step_key: str = "epoch") -> None:
-        self.folder = folder
+    def __init__(self, experiment: str, step_key: str = "epoch") -> None:
+        self.experiment = experiment
         self.step_key = step_key
-        self._writer = None
+        self._writers: dict[str, Any] = {}
 
-    def _tb(self) -> Any:
-        if self._writer is None:
+    def _tb(self, folder: Path) -> Any:
+        key = str(folder)
+        if key not in self._writers:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(Path(self.folder) / "tensorboard"))
-        return self._writer
+            self._writers[key] = SummaryWriter(str(folder / "tensorboard"))
+        return self._writers[key]
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
                      ) -> None:
-        if not metrics or metrics[0].get("replayed_from_checkpoint"):
+        if not metrics or metrics[0].get(REPLAYED):
             return  # nothing new: the final metrics of a restored, finished run
         row = dict(metrics[0])
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        with open(Path(self.folder) / "metrics.jsonl", "a") as fh:
+        folder = Path(self.experiment) / str(row.get(RUN) or "run")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
         step = int(row.get(self.step_key, 0))
-        writer = self._tb()
+        writer = self._tb(folder)
         for key, value in row.items():
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 writer.add_scalar(key, float(value), step)

@@ -160,6 +160,29 @@ def local_path(storage: str, *parts: str) -> Path | None:
 
 
 
+def parse_cpus(text: str | float, workers: int, joins_cluster: bool, tuning: bool) -> float:
+    """``--cpus-per-worker``: a number, or ``auto``.
+
+    ``auto`` gives each Train worker of ``raylab train`` on a local cluster an equal share
+    of this machine's cores (1 worker: all of them), so that its torch threads (Ray sets
+    them to the worker's CPUs) match a plain script's on the same machine. A Tune search
+    keeps 1 CPU per worker, so that trials run side by side; on a cluster that is joined
+    (``--address``, ``ray job submit``) the node sizes are not known here: 1, unless given.
+
+    Raises:
+        ConfigError: Neither ``auto`` nor a number.
+    """
+    if str(text).strip().lower() == "auto":
+        if joins_cluster or tuning or workers < 1:
+            return 1.0
+        return float(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--cpus-per-worker: expected a number or auto, got {text!r}"
+                          ) from None
+
+
 def parse_workers(text: str) -> tuple[int, int]:
     """``--workers`` text: ``"N"`` -> ``(N, 0)`` (fixed), ``"MIN-MAX"`` -> ``(MIN, MAX)``.
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from raylab.engine.keys import TRAIN_DATASET
+from raylab.engine.progress import Progress
 from raylab.errors import RaylabError, StorageError, shard_read_error
 from raylab.runtime.logging_callback import MetricsLogger
 from raylab.runtime.options import RunOptions, local_path
@@ -27,6 +29,54 @@ def scaling_config(options: RunOptions) -> ray.train.ScalingConfig:
     )
 
 
+def is_training_dataset(name: str) -> bool:
+    """``train``, or a run's ``<run>.train`` (several runs in one Train run)."""
+    return name == TRAIN_DATASET or name.endswith(f".{TRAIN_DATASET}")
+
+
+class ShardingConfig(ray.train.DataConfig):
+    """How each dataset reaches the workers.
+
+    - ``train`` (or ``<run>.train``): split evenly (Ray's ``equal=True``): every worker
+      takes the same number of rows, so the same number of steps, which data-parallel
+      training needs (a worker with one step more would wait forever in the gradient
+      all-reduce).
+    - every other dataset (evaluation): split *exactly once* (``equal=False``): each row
+      goes to one worker and none is dropped, so an evaluation scores the whole split even
+      when its rows do not divide by the workers (an even split drops the remainder).
+    - ``whole``: every worker gets the whole dataset (e.g. a k-NN bank rank 0 scores).
+    """
+
+    def __init__(self, names: Sequence[str], whole: Sequence[str] = ()) -> None:
+        self.whole = set(whole)
+        # Ray Train makes getting a split dataset's shard a barrier across workers; the
+        # whole ones are read by some workers only (rank 0), so they must not be listed.
+        super().__init__(datasets_to_split=[n for n in names if n not in self.whole])
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                  worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        locality = worker_node_ids if self._enable_shard_locality else None
+        resolve = getattr(self, "_resolve_execution_options", None)
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            if resolve is not None:
+                ds.context.execution_options = resolve(name)
+            if name in self.whole or world_size == 1:
+                # One worker takes it all: a split would only add a coordinator actor
+                # (a process to start) between the data and the worker.
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
+                continue
+            splits = ds.streaming_split(world_size, equal=is_training_dataset(name),
+                                        locality_hints=locality)
+            for i, split in enumerate(splits):
+                output[i][name] = split
+        return output
+
+
 def fit(
     train_loop: Callable[[dict[str, Any]], Any],
     loop_config: dict[str, Any],
@@ -37,27 +87,39 @@ def fit(
     name: str,
     callbacks: list[Any] | None = None,
     keep_checkpoints: int = 2,
-    datasets_to_split: list[str] | None = None,
+    whole_datasets: Sequence[str] = (),
+    progress: Progress | None = None,
 ) -> ray.train.Result:
     """Run ``train_loop`` data-parallel and return its Result.
 
     Running again with the same ``storage``/``name`` resumes from the latest checkpoint
     (Train V2's restore); callers choose unique names for fresh runs.
 
-    ``datasets_to_split`` names the datasets sharded across workers (default: all);
-    the others reach every worker whole (e.g. k-NN feature banks that rank 0 evaluates).
+    ``whole_datasets`` reach every worker whole (see :class:`ShardingConfig`);
+    ``progress`` receives the chief worker's epoch lines and bar (the driver's console).
     """
+    from raylab.runtime import worker
+
     all_callbacks = list(callbacks or [])
     folder = local_path(storage, name)
     if folder is not None and options.workers > 0:
-        all_callbacks.append(MetricsLogger(str(folder)))
+        all_callbacks.append(MetricsLogger(str(folder.parent)))
+    run_dir = str(folder) if folder is not None else f"{storage.rstrip('/')}/{name}"
+    in_process = options.workers == 0
+    if in_process and folder is None:
+        raise StorageError("--workers 0 runs in-process and needs local --storage")
+    relay = None
+    if progress is not None and not in_process:
+        from raylab.runtime.console import ProgressRelay
+
+        relay = ProgressRelay(progress)
+        loop_config = dict(loop_config, inbox=relay.inbox)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=scaling_config(options),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split="all" if datasets_to_split is None else datasets_to_split),
+        dataset_config=ShardingConfig(list(datasets), whole_datasets),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
@@ -70,20 +132,17 @@ def fit(
                 log_level=os.environ.get("RAYLAB_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
-    run_dir = str(folder) if folder is not None else f"{storage.rstrip('/')}/{name}"
-    if options.workers > 0:
-        return _fit_naming_shards(trainer, datasets, run_dir)
-    from raylab.runtime import worker
-
-    if folder is None:
-        raise StorageError("--workers 0 runs in-process and needs local --storage")
+    if not in_process:
+        if relay is None:
+            return _fit_naming_shards(trainer, datasets, run_dir)
+        with relay:
+            return _fit_naming_shards(trainer, datasets, run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    worker.LOCAL_RUN_DIR = folder
+    worker.LOCAL_RUN_DIR, worker.LOCAL_PROGRESS = folder, progress
     try:
-        result = _fit_naming_shards(trainer, datasets, run_dir)
+        return _fit_naming_shards(trainer, datasets, run_dir)
     finally:
-        worker.LOCAL_RUN_DIR = None
-    return result
+        worker.LOCAL_RUN_DIR, worker.LOCAL_PROGRESS = None, None
 
 
 def dataset_files(datasets: dict[str, Any]) -> list[str]:

@@ -15,7 +15,6 @@ from typing import Any
 
 from raylab import config as cfglib
 from raylab.errors import ConfigError, RaylabError
-from raylab.registry import get_method
 from raylab.runtime.options import RunOptions, local_path
 from raylab.runtime.search_space import Dimension
 
@@ -34,6 +33,7 @@ def make_trainable(method_name: str, base_config: dict[str, Any], options: dict[
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from raylab.registry import get_method
         from raylab.runtime.cluster import quiet_ray_data
 
         quiet_ray_data()
@@ -100,11 +100,12 @@ def _tuner(spec: dict[str, Any], storage: str, restore: bool) -> Any:
     )
 
 
-def run_search(method_name: str, cfg: Any, options: RunOptions, space: list[Dimension],
-               trials: int, storage: str, experiment: str, grace_period: int = 2
-               ) -> dict[str, Any]:
-    """Start a search; returns the spec saved beside it (see :func:`resume_search`)."""
-    method = get_method(method_name)
+def run_search(method: Any, cfg: Any, options: RunOptions, space: list[Dimension],
+               trials: int, storage: str, experiment: str, grace_period: int = 2,
+               max_epochs: int | None = None) -> dict[str, Any]:
+    """Start a search of ``method`` (a registered Method); returns the spec saved beside
+    it (see :func:`resume_search`). ``max_epochs``: the runs' length on Tune's time axis
+    (default ``method.max_epochs(cfg)``)."""
     if not space:
         raise ConfigError("--space: nothing to search; give at least one KEY=SPEC")
     if options.workers < 1:
@@ -113,7 +114,7 @@ def run_search(method_name: str, cfg: Any, options: RunOptions, space: list[Dime
     if trials < 1:
         raise ConfigError(f"--trials: expected an integer >= 1, got {trials}")
     spec = {
-        "method": method_name,
+        "method": method.name,
         "experiment": experiment,
         "storage": storage,
         "base_config": cfglib.to_dict(cfg),
@@ -122,7 +123,7 @@ def run_search(method_name: str, cfg: Any, options: RunOptions, space: list[Dime
         "trials": trials,
         "metric": method.metric,
         "mode": method.mode,
-        "max_epochs": method.max_epochs(cfg),
+        "max_epochs": method.max_epochs(cfg) if max_epochs is None else max_epochs,
         "grace_period": grace_period,
         "seed": getattr(cfg, "seed", 0),
     }

@@ -34,7 +34,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_two_worker_clear_run(ray_cluster, stream: Path, tmp_path: Path) -> None:
-    from raylab.runtime.checkpoint import load_checkpoint
+    from raylab.engine.checkpoint import load_checkpoint
 
     rc = main(["train", "clear", "--data", str(stream), *SMALL, "--set", "strategy=ewc",
                "--workers", "2", "--storage", str(tmp_path), "--name", "c"])
@@ -47,9 +47,11 @@ def test_two_worker_clear_run(ray_cluster, stream: Path, tmp_path: Path) -> None
                                        "backward_transfer", "forward_transfer"}
     rows = _rows(exp / "run")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # one report per bucket
+    assert all(r["replica_drift"] == 0.0 for r in rows)  # both learners stayed identical
     # Each report carries the row of R the stream recorded for that bucket.
     for r in rows:
-        assert [r[f"acc_bucket_{b}"] for b in (1, 2, 3, 4)] == summary["matrix"][r["epoch"] - 1]
+        assert [r[f"test_acc_bucket_{b}"] for b in (1, 2, 3, 4)] == \
+            summary["matrix"][r["epoch"] - 1]
     state = json.loads((exp / "run" / "stream_state.json").read_text())
     assert state["finished"] == [1, 2, 3, 4] and state["cursor"] == 4
     checkpoint = load_checkpoint(summary["checkpoint"])
@@ -66,7 +68,8 @@ def test_killing_the_stream_actor_mid_stream_gives_the_same_matrix(
         ray_cluster, stream: Path, tmp_path: Path) -> None:
     import ray
 
-    from raylab.methods.clear import NAMESPACE, stream_actor_name
+    from raylab.methods.clear.method import stream_actor_name
+    from raylab.runtime.actors import NAMESPACE
 
     common = ["--data", str(stream), *SMALL, "--set", "strategy=er", "--workers", "1",
               "--storage", str(tmp_path)]

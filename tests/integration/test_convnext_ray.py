@@ -66,9 +66,9 @@ def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_resume_restores_ema(ray_cluster, image_shards, tmp_path: Path) -> None:
     """A resumed run continues the saved EMA instead of restarting it from the model."""
     from raylab.config import apply_overrides
+    from raylab.engine.checkpoint import load_checkpoint
     from raylab.methods.convnext import ConvNeXtConfig
-    from raylab.methods.image_loop import build_model
-    from raylab.runtime.checkpoint import load_checkpoint
+    from raylab.tasks.classification.task import build_model
 
     shards, n_classes = image_shards
     common = ["train", "convnext", "--data", str(shards), *SMALL,

@@ -59,7 +59,7 @@ def test_skill_statistics_agree_on_both_paths(ray_cluster, tmp_path: Path) -> No
     same shards (the path taken when the set streams)."""
     import numpy as np
 
-    from raylab.methods.skill import (
+    from raylab.methods.skill.data import (
         TRIAL_COLUMNS,
         TrialRows,
         channel_stats,

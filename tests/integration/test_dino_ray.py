@@ -36,8 +36,8 @@ def image_shards(tmp_path_factory) -> Path:
 
 
 def test_two_worker_dino_run(ray_cluster, image_shards: Path, tmp_path: Path) -> None:
+    from raylab.engine.checkpoint import load_checkpoint
     from raylab.methods import load_backbone
-    from raylab.runtime.checkpoint import load_checkpoint
 
     rc = main(["train", "dino", "--data", str(image_shards),
                "--set", "arch=vit_tiny_patch16_224", "--set", "img_size=32",
@@ -75,5 +75,33 @@ def test_two_worker_dino_run(ray_cluster, image_shards: Path, tmp_path: Path) ->
     assert not torch.equal(student, teacher)  # the teacher is an average, not a copy
     backbone = load_backbone(summary["checkpoint"])
     assert backbone(torch.zeros(1, 3, 32, 32)).shape == (1, backbone.num_features)
+    # No collapse: the teacher's features of 64 test images spread over many directions
+    # (a collapse onto one dimension has an effective rank of 1), and its head does not
+    # send every image to the same prototype.
+    from raylab.data.shards import iter_rows
+    from raylab.methods.dino.task import build_student_teacher
+    from raylab.transforms.images import build_transform, decode_image
+
+    transform = build_transform(False, 32)
+    images = torch.stack([transform(decode_image(r["image"], r["path"]))
+                          for r, _ in zip(iter_rows(image_shards, columns=["image", "path"]),
+                                          range(64))])
+    with torch.no_grad():
+        feats = backbone(images)
+    s = torch.linalg.svdvals(feats - feats.mean(0))
+    p = s / s.sum()
+    effective_rank = torch.exp(-(p * torch.log(p + 1e-12)).sum()).item()
+    assert effective_rank > 4, effective_rank
+    from raylab import config as cfglib
+    from raylab.engine.checkpoint import load_meta
+    from raylab.methods.dino import DINOConfig
+
+    dino_cfg = cfglib.from_dict(DINOConfig, load_meta(summary["checkpoint"])["config"])
+    _, teacher = build_student_teacher(dino_cfg)
+    teacher.load_state_dict(state["ema"])
+    with torch.no_grad():
+        prototypes = teacher.eval()(images).argmax(1)
+    assert prototypes.unique().numel() > 1, "every image went to one prototype"
+    assert all(r["replica_drift"] == 0.0 for r in rows)  # the two workers stayed identical
     for name in ("report.md", "knn_top1.png", "loss.png", "attention_0.png"):
         assert (exp / name).stat().st_size > 0, name

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylab.cli import main
+from raylab.engine.checkpoint import STATE_FILE, load_checkpoint, load_meta
 from raylab.errors import CheckpointError, DataError, shard_read_error
-from raylab.runtime.checkpoint import STATE_FILE, load_checkpoint, load_meta
 
 FOLD = "supertrial1"
 
@@ -230,16 +230,17 @@ def test_shard_deleted_mid_run_in_process(ray_cluster, shards: Path, tmp_path: P
 
     shard = _training_shard(shards)
     away = tmp_path / "moved-away.parquet"
-    report = worker.report
+    report = worker.RayContext.report
     lost = threading.Event()
 
-    def report_then_lose_the_shard(metrics: dict, checkpoint: dict | None = None) -> None:
-        report(metrics, checkpoint)
+    def report_then_lose_the_shard(self, metrics: dict, checkpoint: dict | None = None
+                                   ) -> None:
+        report(self, metrics, checkpoint)
         if checkpoint is not None and not lost.is_set():  # once, in the first run only
             shard.rename(away)
             lost.set()
 
-    monkeypatch.setattr(worker, "report", report_then_lose_the_shard)
+    monkeypatch.setattr(worker.RayContext, "report", report_then_lose_the_shard)
     storage = tmp_path / "runs"
     rc = _train(shards, storage, "lost", *STREAM, "--set", "optim.epochs=4", "--workers", "0")
     err = capsys.readouterr().err

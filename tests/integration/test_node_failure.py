@@ -79,7 +79,7 @@ def _epochs(run: Path) -> list[int]:
 
 
 def _weights(summary: dict) -> torch.Tensor:
-    from raylab.runtime.checkpoint import load_checkpoint
+    from raylab.engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(summary["checkpoint"])["model"]
     return torch.cat([v.float().flatten() for v in state.values()])

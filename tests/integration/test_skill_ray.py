@@ -30,11 +30,16 @@ def _epochs_logged(run: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in lines]
 
 
+#: The shard folder each experiment trained on.
+SHARDS_OF: dict[Path, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def one_worker_run(ray_cluster, sample_shards, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     assert _train(sample_shards, storage, "w1", "--set", "optim.epochs=4",
                   "--workers", "1") == 0
+    SHARDS_OF[storage / "w1"] = sample_shards
     return storage / "w1"
 
 
@@ -45,10 +50,20 @@ def test_train_writes_report_and_learns(one_worker_run: Path) -> None:
         assert (exp / name).stat().st_size > 0, name
     assert [f["fold"] for f in summary["folds"]] == ["supertrial1"]
     assert summary["mean_accuracy"] > CHANCE + 0.2
-    pooled = summary["pooled"]
-    assert sum(map(sum, pooled["confusion"])) == sum(pooled["support"].values())
+    # Every test window scored exactly once: the confusion counts add up to the windows of
+    # supertrial 1 (trial 1 of every subject), counted here from the shards' frame counts
+    # with the window rule (T - W) // L + 1 for W=60, L=10.
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(SHARDS_OF[exp].glob("*.parquet")),
+                          columns=["task", "trial", "n_frames"]).to_pylist()
+    windows = sum((r["n_frames"] - 60) // 10 + 1 for r in table
+                  if r["task"] == "Suturing" and r["trial"] == 1)
+    assert sum(map(sum, summary["pooled"]["confusion"])) == windows
+    assert summary["folds"][0]["windows"] == windows
     assert _epochs_logged(exp / "supertrial1") == [1, 2, 3, 4]
-    assert list((exp / "supertrial1").glob("checkpoint_*")), "no checkpoint kept"
+    assert list((exp / "supertrial1").glob("checkpoint_*-supertrial1")), "no checkpoint kept"
+    assert (exp / "supertrial1" / "model" / "state.pt").is_file()  # the final model
     assert any((exp / "supertrial1" / "tensorboard").iterdir())
 
 
@@ -61,6 +76,10 @@ def test_two_workers_match_one(one_worker_run: Path, sample_shards: Path,
     # Same global batch and schedule, so quality matches up to shuffling noise.
     assert two > CHANCE + 0.2
     assert abs(one - two) < 0.15
+    # The two workers held identical weights after every epoch (gradients all-reduced).
+    rows = [json.loads(x) for x in
+            (tmp_path / "w2" / "supertrial1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["replica_drift"] for r in rows] == [0.0] * 4
 
 
 def test_rerun_with_same_name_resumes_from_checkpoint(ray_cluster, sample_shards: Path,

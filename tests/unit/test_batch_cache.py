@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raylab.runtime.batch_cache import BatchCache
+from raylab.engine.batch_cache import BatchCache
 
 
 def _source(n: int, batch: int, calls: list[int]):
@@ -58,3 +58,37 @@ def test_shards_over_the_limit_keep_streaming() -> None:
     for _ in range(3):
         assert sum(len(b["y"]) for b in cache.epoch(_source(10, 4, calls), 4)) == 10
     assert len(calls) == 3 and not cache.cached
+
+
+def test_an_empty_first_pass_is_cached_too() -> None:
+    """An uneven evaluation split may give a worker no rows; it must replay (nothing) like
+    the others, not stream again: a streaming split waits for every worker each epoch."""
+    calls = []
+
+    def stream() -> list:
+        calls.append(1)
+        return []
+
+    cache = BatchCache(1 << 20)
+    assert list(cache.epoch(stream, 4)) == [] and cache.cached
+    assert list(cache.epoch(stream, 4)) == []
+    assert calls == [1]
+
+
+def test_workers_agree_on_caching() -> None:
+    """One worker's shard is too big: ``agree`` (an all-reduce) makes every worker keep
+    streaming, so no worker replays while another waits for it at the split."""
+    small = [{"x": torch.zeros(2, 2)}]
+    says = []
+
+    def anyone_too_big(flag: bool) -> bool:
+        says.append(flag)
+        return True  # another worker's shard did not fit
+
+    cache = BatchCache(1 << 20)
+    assert len(list(cache.epoch(lambda: small, 2, agree=anyone_too_big))) == 1
+    assert says == [False] and not cache.cached
+    streamed = []
+    list(cache.epoch(lambda: streamed.append(1) or small, 2, agree=anyone_too_big))
+    assert streamed == [1]  # streams again, and is not asked again
+    assert says == [False]

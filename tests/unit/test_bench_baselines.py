@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raylab import bench
 from raylab import config as cfglib
+from raylab.bench import skill as bench
 from raylab.methods.skill import SkillConfig
 
 

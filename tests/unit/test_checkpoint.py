@@ -1,4 +1,4 @@
-"""Tests of raylab.runtime.checkpoint: a save/restore pair that resumes training exactly."""
+"""Tests of raylab.engine.checkpoint: a save/restore pair that resumes training exactly."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.errors import CheckpointError
-from raylab.runtime.checkpoint import (
+from raylab.engine.checkpoint import (
     META_FILE,
     STATE_FILE,
     load_checkpoint,
@@ -21,6 +20,7 @@ from raylab.runtime.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from raylab.errors import CheckpointError
 
 
 def _model() -> nn.Module:

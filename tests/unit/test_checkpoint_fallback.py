@@ -1,7 +1,8 @@
 """Resuming from damaged checkpoints (issue 6, fault tolerance item 3), without Ray.
 
-``restore_latest`` tries the newest checkpoint first and falls back to older ones with a
-warning; it never loads garbage and never half-restores a model. The in-process mode
+``raylab.engine.restore.restore_latest`` tries the newest checkpoint first and falls back
+to older ones with a warning; it never loads garbage and never half-restores a model. The
+candidates come from ``raylab.runtime.worker.run_checkpoints``: the in-process mode
 (``worker.LOCAL_RUN_DIR``) is exercised directly; the Ray mode through a
 ``ray.train.Checkpoint`` handed out by a patched ``ray.train.get_checkpoint`` (no
 cluster: a local checkpoint needs none).
@@ -22,9 +23,7 @@ import torch
 from torch import nn
 
 from raylab.cli import main
-from raylab.errors import CheckpointError
-from raylab.runtime import worker
-from raylab.runtime.checkpoint import (
+from raylab.engine.checkpoint import (
     META_FILE,
     STATE_FILE,
     check_compatible,
@@ -32,7 +31,17 @@ from raylab.runtime.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from raylab.runtime.worker import checkpoint_candidates, list_checkpoints, restore_latest
+from raylab.engine.restore import checkpoint_candidates, list_checkpoints
+from raylab.engine.restore import restore_latest as restore_from
+from raylab.errors import CheckpointError
+from raylab.runtime import worker
+from raylab.runtime.worker import run_checkpoints
+
+
+def restore_latest(**objects):
+    """What a worker does on start: restore from the run's checkpoints (Ray's or the
+    in-process run folder's), newest usable first."""
+    return restore_from(run_checkpoints(), objects)
 
 # Names as Ray Train and the in-process mode write them: creation time, so name order is
 # age order.
@@ -320,8 +329,9 @@ def test_unwritable_checkpoint_folder_is_a_storage_error(tmp_path: Path) -> None
 
 
 def test_assess_on_corrupt_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
-    from raylab.methods.skill import SkillConfig, checkpoint_meta
-    from raylab.methods.skill_loop import build_model
+    from raylab.methods.skill import SkillConfig
+    from raylab.methods.skill.method import checkpoint_meta
+    from raylab.methods.skill.task import build_model
     from raylab.transforms.windows import ChannelStats
 
     cfg = SkillConfig()

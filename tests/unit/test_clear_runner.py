@@ -1,5 +1,6 @@
-"""The CLEAR learner without Ray: row ids and stores, batch augmentation, the stream walk,
-and restarts (of the stream service and of the learner) giving the same accuracy matrix."""
+"""The CLEAR learner without Ray: row ids and stores, batch augmentation, the stream walk
+(the CLEAR task on the engine's loop with a plain worker context), and restarts (of the
+stream service and of the learner) giving the same accuracy matrix."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from raylab import config as cfglib
 from raylab.continual.rows import (
     ROW_STRIDE,
     FeatureRows,
@@ -19,11 +21,14 @@ from raylab.continual.rows import (
     split_row_id,
     stream_rows,
 )
-from raylab.continual.runner import BucketSettings, run_stream
-from raylab.continual.strategies import build_strategy
 from raylab.continual.stream import StreamError, StreamService, strategy_flags
 from raylab.data.clear import bucket_paths
-from raylab.methods.clear_loop import bucket_metrics
+from raylab.engine.context import LocalContext
+from raylab.engine.keys import TEST
+from raylab.engine.loop import build_and_run
+from raylab.engine.restore import CheckpointFolder
+from raylab.methods.clear import ClearConfig, make_strategy
+from raylab.methods.clear.task import STREAM, ClearTask, bucket_metrics
 from raylab.transforms.batch_aug import pad_crop_flip
 
 
@@ -98,13 +103,14 @@ def test_pad_crop_flip_flips_about_half() -> None:
 
 def test_bucket_metrics_running_means() -> None:
     # R so far: [[.5, .4, .3]]; now bucket index 1 with row [.6, .7, .5].
-    result = {"index": 1, "bucket": 2, "accuracies": {1: 0.6, 2: 0.7, 3: 0.5},
-              "train": {"loss": 1.0, "samples": 10, "replay_samples": 0}, "seconds": 1.0}
-    m = bucket_metrics(result, [[0.5, 0.4, 0.3]])
-    assert m["epoch"] == 2 and m["in_domain_acc"] == 0.7 and m["next_acc"] == 0.5
-    assert m["next_domain"] == pytest.approx((0.4 + 0.5) / 2)
-    assert m["seen_acc"] == pytest.approx((0.5 + 0.6 + 0.7) / 3)
-    assert m["acc_bucket_3"] == 0.5
+    m = bucket_metrics(TEST, 1, {1: 0.6, 2: 0.7, 3: 0.5}, [[0.5, 0.4, 0.3]])
+    assert m["test_in_domain_acc"] == 0.7 and m["test_next_acc"] == 0.5
+    assert m["test_next_domain"] == pytest.approx((0.4 + 0.5) / 2)
+    assert m["test_seen_acc"] == pytest.approx((0.5 + 0.6 + 0.7) / 3)
+    assert m["test_acc_bucket_3"] == 0.5
+    last = bucket_metrics(TEST, 2, {1: 0.6, 2: 0.7, 3: 0.8}, [[0.5, 0.4, 0.3], [.6, .7, .5]])
+    assert "test_next_acc" not in last  # no bucket after the last one
+    assert last["test_next_domain"] == pytest.approx((0.4 + 0.5) / 2)
 
 
 class TinyNet(nn.Module):
@@ -118,136 +124,159 @@ class TinyNet(nn.Module):
         return self.fc(self.body(x))
 
 
-SETTINGS = BucketSettings(epochs=2, batch_size=8, lr=0.05, seed=3)
+class TinyClearTask(ClearTask):
+    """The CLEAR task with a small CNN instead of a timm ResNet (same loop, same hooks)."""
+
+    def build_learner(self, run: dict) -> tuple[nn.Module, object]:
+        return TinyNet(), ImageRows(self.cfg.data, 16)
 
 
-def _service(stream: Path, path: Path, strategy_name: str, protocol: str = "iid"
-             ) -> tuple[StreamService, object]:
-    strategy = build_strategy(strategy_name)
-    flags = strategy_flags(strategy, 20)
-    svc = StreamService(path, bucket_rows=stream_rows(stream, [1, 2, 3, 4]), protocol=protocol,
-                        seed=0, **flags)
-    return svc, strategy
+def _cfg(stream: Path, strategy: str, **more: object) -> ClearConfig:
+    return cfglib.apply_overrides(ClearConfig(), {
+        "data": str(stream), "strategy": strategy, "optim.epochs": 2, "optim.batch_size": 8,
+        "optim.lr": 0.05, "seed": 3, **more})
+
+
+def _service(stream: Path, path: Path, cfg: ClearConfig, protocol: str = "iid",
+             **more: object) -> StreamService:
+    flags = strategy_flags(make_strategy(cfg), 20)
+    return StreamService(path, bucket_rows=stream_rows(stream, [1, 2, 3, 4]), protocol=protocol,
+                         seed=0, **flags, **more)
+
+
+RUN = {"split": TEST, "num_classes": 4, "input_size": 16, "buckets": 4,
+       "checkpoint_meta": {"method": "clear"}}
+
+
+def _learn(cfg: ClearConfig, client: object, run_dir: Path | None = None,
+           context: type[LocalContext] = LocalContext) -> LocalContext:
+    """One learner walking the stream on the engine's loop; returns its context (reports)."""
+    ctx = context(run_dir=run_dir, services={STREAM: client})
+    build_and_run(lambda c: TinyClearTask(cfg, dict(RUN, run_dir=run_dir and str(run_dir)), c),
+                  ctx, cfg.seed)
+    return ctx
 
 
 @pytest.mark.parametrize("strategy_name", ["er", "gdumb", "ewc", "cwr"])
-def test_run_stream_fills_the_accuracy_matrix(stream: Path, tmp_path: Path,
-                                              strategy_name: str) -> None:
-    svc, strategy = _service(stream, tmp_path / "s.json", strategy_name)
-    torch.manual_seed(0)
-    seen = []
-    results = run_stream(svc, ImageRows(stream, 16), TinyNet(), strategy, SETTINGS, "cpu",
-                         on_bucket=lambda r: seen.append(r["bucket"]))
-    assert seen == [1, 2, 3, 4] and [r["index"] for r in results] == [0, 1, 2, 3]
+def test_learner_fills_the_accuracy_matrix(stream: Path, tmp_path: Path,
+                                           strategy_name: str) -> None:
+    cfg = _cfg(stream, strategy_name)
+    svc = _service(stream, tmp_path / "s.json", cfg)
+    reports = _learn(cfg, svc).reports
+    assert [r["bucket"] for r in reports] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
     out = svc.metrics()
     assert out["complete"] and set(out["metrics"]) >= {"in_domain", "next_domain"}
     assert all(0 <= a <= 1 for row in out["matrix"] for a in row)
     # With a buffer, bucket 2 replays rows of bucket 1 (GDumb trains on its buffer instead).
     if strategy_name == "er":
-        assert results[0]["train"]["replay_samples"] == 0
-        assert results[1]["train"]["replay_samples"] > 0
-    # Each row of R is what the learner measured on that bucket.
-    for r in results:
-        assert out["matrix"][r["index"]] == [r["accuracies"][b] for b in (1, 2, 3, 4)]
+        assert reports[0]["replay_samples"] == 0
+        assert reports[1]["replay_samples"] > 0
+    # Each row of R is what the learner measured on that bucket, every test row once.
+    test_rows = sum(len(svc.test_ids(b)) for b in (1, 2, 3, 4))
+    for i, r in enumerate(reports):
+        assert out["matrix"][i] == [r[f"test_acc_bucket_{b}"] for b in (1, 2, 3, 4)]
+        assert r["test_rows"] == test_rows
 
 
-def _run(stream: Path, state: Path, strategy_name: str, crash_after: int | None = None,
-         restart_service_after: int | None = None, resume_from: dict | None = None
-         ) -> tuple[list[list[float]], list[dict]]:
-    """One learner; optionally crashes after a checkpoint, or swaps in a fresh service
-    (a restarted actor: same state file) after a bucket. Returns R and the checkpoints."""
-    svc, strategy = _service(stream, state, strategy_name)
-    torch.manual_seed(0)
-    model = TinyNet()
-    checkpoints: list[dict] = []
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        strategy.load_state_dict(resume_from["strategy"])
+class Crash(Exception):
+    pass
 
-    class Crash(Exception):
-        pass
 
-    class Client:
-        """Routes calls to the current service; after ``restart_service_after`` is
-        finished, replaces it by a fresh one built from the state file alone."""
+def _crashing_after(index: int) -> type[LocalContext]:
+    class CrashingContext(LocalContext):
+        """Dies right after the report (and checkpoint) of bucket index ``index``."""
 
-        current = svc
+        def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
+            super().report(metrics, checkpoint)
+            if metrics.get("epoch") == index + 1:
+                raise Crash
 
-        def next_bucket(self, *args: object) -> dict | None:
-            return self.current.next_bucket(*args)
+    return CrashingContext
 
-        def test_ids(self, *args: object) -> list[int]:
-            return self.current.test_ids(*args)
 
-        def finish_bucket(self, bucket: int, accuracies: dict) -> dict:
-            out = self.current.finish_bucket(bucket, accuracies)
-            if bucket == restart_service_after:
-                self.current = StreamService(state)
-            return out
+class RestartingClient:
+    """Routes calls to the current service; after bucket ``restart_after`` is finished,
+    replaces it by a fresh one built from the state file alone (a restarted actor)."""
 
-    def on_bucket(r: dict) -> None:
-        checkpoints.append({"model": {k: v.clone() for k, v in model.state_dict().items()},
-                            "strategy": strategy.state_dict(),
-                            "stream": {"bucket": r["bucket"], "accuracies": r["accuracies"]}})
-        if crash_after is not None and r["index"] == crash_after:
-            raise Crash
+    def __init__(self, service: StreamService, state: Path, restart_after: int) -> None:
+        self.current, self.state_path, self.restart_after = service, state, restart_after
 
-    client = Client()
-    try:
-        run_stream(client, ImageRows(stream, 16), model, strategy, SETTINGS, "cpu",
-                   on_bucket=on_bucket,
-                   resume=None if resume_from is None else resume_from["stream"])
-    except Crash:
-        pass
-    return StreamService(state).metrics()["matrix"], checkpoints
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.current, name)
+
+    def finish_bucket(self, bucket: int, accuracies: dict) -> dict:
+        out = self.current.finish_bucket(bucket, accuracies)
+        if bucket == self.restart_after:
+            self.current = StreamService(self.state_path)
+        return out
 
 
 @pytest.mark.parametrize("strategy_name", ["er", "lwf"])
 def test_restarts_give_the_same_accuracy_matrix(stream: Path, tmp_path: Path,
                                                 strategy_name: str) -> None:
-    reference, _ = _run(stream, tmp_path / "a.json", strategy_name)
-    # A restarted stream service (the actor after a crash) resumes from its file.
-    restarted, _ = _run(stream, tmp_path / "b.json", strategy_name, restart_service_after=2)
-    assert restarted == reference
+    cfg = _cfg(stream, strategy_name)
+    _learn(cfg, _service(stream, tmp_path / "a.json", cfg))
+    reference = StreamService(tmp_path / "a.json").metrics()["matrix"]
     assert len({a for row in reference for a in row}) > 3  # a matrix worth comparing
+    # A restarted stream service (the actor after a crash) resumes from its file.
+    svc = _service(stream, tmp_path / "b.json", cfg)
+    _learn(cfg, RestartingClient(svc, tmp_path / "b.json", restart_after=2))
+    assert StreamService(tmp_path / "b.json").metrics()["matrix"] == reference
     # The learner crashes after bucket index 1's checkpoint, before the stream is told;
-    # the resumed learner tells it, then trains buckets 3 and 4 only.
-    partial, checkpoints = _run(stream, tmp_path / "c.json", strategy_name, crash_after=1)
+    # the resumed learner (from the run folder's checkpoint) tells it, then trains
+    # buckets 3 and 4 only.
+    run_dir = tmp_path / "run"
+    with pytest.raises(Crash):
+        _learn(cfg, _service(stream, tmp_path / "c.json", cfg), run_dir,
+               _crashing_after(1))
+    partial = StreamService(tmp_path / "c.json").metrics()["matrix"]
     assert partial[1] == [None] * 4 and partial[2] == [None] * 4
-    resumed, later = _run(stream, tmp_path / "c.json", strategy_name,
-                          resume_from=checkpoints[-1])
-    assert [c["stream"]["bucket"] for c in later] == [3, 4]  # nothing twice, nothing skipped
-    assert resumed == reference
+    later = _learn(cfg, StreamService(tmp_path / "c.json"), run_dir).reports
+    assert [r["bucket"] for r in later] == [3, 4]  # nothing twice, nothing skipped
+    assert StreamService(tmp_path / "c.json").metrics()["matrix"] == reference
 
 
 def test_resume_against_a_foreign_stream_state_fails(stream: Path, tmp_path: Path) -> None:
-    svc, strategy = _service(stream, tmp_path / "s.json", "er")
+    """A run folder whose checkpoint says bucket 3 is done, with a fresh stream."""
+    cfg = _cfg(stream, "er")
+    CheckpointFolder(tmp_path / "run").save(
+        model=TinyNet(), epoch=2, meta={"method": "clear"},
+        extra={"strategy": make_strategy(cfg).state_dict(),
+               "stream": {"bucket": 3, "accuracies": {str(b): .5 for b in (1, 2, 3, 4)}}})
     with pytest.raises(StreamError, match="bucket 3 is not finished|not finished yet"):
-        run_stream(svc, ImageRows(stream, 16), TinyNet(), strategy, SETTINGS, "cpu",
-                   resume={"bucket": 3, "accuracies": {1: .5, 2: .5, 3: .5, 4: .5}})
+        _learn(cfg, _service(stream, tmp_path / "s.json", cfg), tmp_path / "run")
 
 
-def test_two_learners_share_a_bucket_and_agree(stream: Path, tmp_path: Path) -> None:
-    """world_size 2 without Ray: each learner gets half of the rows; accuracies summed."""
-    svc, _ = _service(stream, tmp_path / "s.json", "finetune")
-    info0 = svc.next_bucket(0, 2)
-    info1 = svc.next_bucket(1, 2)
-    assert not set(info0["train_ids"]) & set(info1["train_ids"]) or \
-        info0["num_train"] % 2  # padded shards repeat a row only when the count is odd
-    assert len(info0["train_ids"]) == len(info1["train_ids"]) == -(-info0["num_train"] // 2)
+def test_two_learners_share_a_bucket_exactly(stream: Path, tmp_path: Path) -> None:
+    """world_size 2 without Ray: the two shards of a bucket's training rows cover it, each
+    worker gets as many rows (an odd count repeats exactly one row, as torch's
+    DistributedSampler pads), and the test rows are partitioned, never padded."""
+    svc = _service(stream, tmp_path / "s.json", _cfg(stream, "finetune"))
+    info0, info1 = svc.next_bucket(0, 2), svc.next_bucket(1, 2)
+    n = info0["num_train"]
+    shards = info0["train_ids"] + info1["train_ids"]
+    assert len(info0["train_ids"]) == len(info1["train_ids"]) == -(-n // 2)
+    assert len(set(shards)) == n  # every training row, the padding repeats one at most
+    assert len(shards) - n == n % 2
+    one_worker = svc.next_bucket(0, 1)["train_ids"]
+    assert set(shards) == set(one_worker)
+    for b in (1, 2, 3, 4):
+        parts = svc.test_ids(b, 0, 2) + svc.test_ids(b, 1, 2)
+        assert sorted(parts) == sorted(svc.test_ids(b))  # each test row exactly once
+        assert len(parts) == len(set(parts))
     test = svc.test_ids(1, 0, 2) + svc.test_ids(1, 1, 2)
-    assert sorted(test) == sorted(svc.test_ids(1))
-    assert np.intersect1d(test, info0["train_ids"] + info1["train_ids"]).size == 0
+    assert np.intersect1d(test, shards).size == 0
 
 
 def test_frozen_dino_features_feed_a_linear_learner(stream: Path, tmp_path: Path) -> None:
     """The "unsupervised representation" rows: a DINO checkpoint's teacher is frozen, each
     bucket embedded once, and only a linear classifier trains."""
-    from raylab import config as cfglib
-    from raylab.methods.clear import ClearConfig, load_stream
-    from raylab.methods.clear_loop import build_learner
-    from raylab.methods.dino import DINOConfig, build_student_teacher
-    from raylab.runtime.checkpoint import save_checkpoint
+    from raylab.engine.checkpoint import save_checkpoint
+    from raylab.methods.clear import load_stream
+    from raylab.methods.clear.task import build_learner
+    from raylab.methods.dino import DINOConfig
+    from raylab.methods.dino.task import build_student_teacher
 
     dino = cfglib.apply_overrides(DINOConfig(), {
         "arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 8, "depth": 1,
@@ -255,16 +284,21 @@ def test_frozen_dino_features_feed_a_linear_learner(stream: Path, tmp_path: Path
     student, teacher = build_student_teacher(dino)
     ckpt = save_checkpoint(tmp_path / "dino", model=student, ema=teacher,
                            meta={"method": "dino", "config": cfglib.to_dict(dino)})
-    cfg = cfglib.apply_overrides(ClearConfig(), {"data": str(stream), "features": str(ckpt),
-                                                 "strategy": "lwf"})
+    cfg = _cfg(stream, "lwf", features=str(ckpt))
     info = load_stream(cfg)
     assert info.input_size == 16  # the DINO model's size, not the stream's 32 px
     model, rows = build_learner(cfg, len(info.class_names), info.input_size, "cpu")
     assert isinstance(model, nn.Linear) and model.in_features == 192  # ViT-Tiny width
     x, y = rows.fetch([row_id(1, 0), row_id(2, 1)])
     assert x.shape == (2, 192) and x.dtype == torch.float32 and y.shape == (2,)
-    svc, strategy = _service(stream, tmp_path / "s.json", "lwf")
-    run_stream(svc, rows, model, strategy, SETTINGS, "cpu")
+    svc = _service(stream, tmp_path / "s.json", cfg)
+
+    class LinearTask(ClearTask):
+        def build_learner(self, run: dict) -> tuple[nn.Module, object]:
+            return model, rows
+
+    ctx = LocalContext(services={STREAM: svc})
+    build_and_run(lambda c: LinearTask(cfg, RUN, c), ctx, cfg.seed)
     assert svc.metrics()["complete"]
     # The backbone stayed frozen: the checkpoint's teacher equals what embeds the rows.
     frozen = rows.embed.backbone
@@ -275,9 +309,8 @@ def test_catch_up_adopts_the_unregistered_checkpoint_of_the_streams_last_bucket(
         tmp_path: Path) -> None:
     """A worker lost right after reporting bucket 2: the stream finished it and its
     checkpoint folder exists, but Ray Train hands back bucket 1's."""
-    from raylab.continual.stream import StreamError
-    from raylab.methods.clear_loop import catch_up
-    from raylab.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from raylab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from raylab.methods.clear.task import catch_up
 
     def checkpoint(name: str, bucket: int, fill: float) -> dict:
         model = TinyNet()

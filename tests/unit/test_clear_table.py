@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raylab.cli import main
-from raylab.methods.clear_table import build_table, find_summaries, format_markdown
+from raylab.methods.clear.table import build_table, find_summaries, format_markdown
 
 KEYS = ("in_domain", "next_domain", "accuracy", "backward_transfer", "forward_transfer")
 

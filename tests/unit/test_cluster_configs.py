@@ -456,7 +456,7 @@ def test_example_config_loads(path: Path) -> None:
 def test_dino_cpu_recipe_is_the_benchmarked_one() -> None:
     """jobs/configs/dino/cifar_cpu.yaml is what `raylab bench dino-cifar` measures."""
     from raylab import config as cfglib
-    from raylab.bench_images import DINO_BUDGET
+    from raylab.bench.images import DINO_BUDGET
     from raylab.methods.dino import DINOConfig
 
     from_file = cfglib.load(DINOConfig, REPO / "jobs" / "configs" / "dino" / "cifar_cpu.yaml")

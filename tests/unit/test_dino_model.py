@@ -129,7 +129,7 @@ def test_build_backbone_variants() -> None:
     vit = _tiny_vit(drop_path_rate=0.1)
     assert vit.patch_embed.patch_size == (4, 4) and vit.num_classes == 0
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, vit.num_features)
-    with pytest.raises(ConfigError, match="unknown timm model"):
+    with pytest.raises(ConfigError, match="is not a timm model"):
         build_backbone("vit_no_such_model", 32)
     with pytest.raises(ConfigError, match="ViT/DeiT"):
         build_backbone("resnet18", 32, patch_size=4)

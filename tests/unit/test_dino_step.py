@@ -8,10 +8,11 @@ import json
 import torch
 
 from raylab import config as cfglib
-from raylab.methods.dino import DINOConfig, build_student_teacher, load_backbone
-from raylab.methods.dino_loop import dino_step
+from raylab.engine.checkpoint import save_checkpoint
+from raylab.methods.dino import DINOConfig
+from raylab.methods.dino.task import build_student_teacher, dino_step
+from raylab.models.backbones import load_backbone
 from raylab.optim import ModelEma, param_groups
-from raylab.runtime.checkpoint import save_checkpoint
 
 CFG = cfglib.apply_overrides(DINOConfig(), {
     "arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "out_dim": 64,

@@ -17,7 +17,7 @@ from raylab.data.imagefolder import (
 )
 from raylab.errors import ConfigError, DataError
 from raylab.methods.dino import DINOConfig, DINOMethod, DINOOptimConfig
-from raylab.methods.image_data import ImageData, knn_split_name, load_image_data
+from raylab.tasks.classification.data import ImageData, knn_split_name, load_image_data
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,9 @@ def test_attention_figures_read_a_stream_bucket(folders: dict[str, Path], tmp_pa
                                                 ) -> None:
     import torch
 
-    from raylab.methods.dino import attention_figures, build_student_teacher
-    from raylab.runtime.checkpoint import save_checkpoint
+    from raylab.engine.checkpoint import save_checkpoint
+    from raylab.methods.dino.method import attention_figures
+    from raylab.methods.dino.task import build_student_teacher
 
     cfg = cfglib.apply_overrides(_stream_cfg(folders["stream"]), {
         "arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1,

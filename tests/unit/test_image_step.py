@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylab.methods.image_step import ClassificationStep, evaluate_counts
 from raylab.optim import ModelEma
+from raylab.tasks.classification.step import ClassificationStep, evaluate_counts
 
 
 def _model() -> nn.Module:

@@ -9,9 +9,9 @@ import timm
 import torch
 from torch import nn
 
+from raylab.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from raylab.errors import ConfigError
 from raylab.optim import ModelEma, build_optimizer, param_groups, scale_lr, unwrap_model
-from raylab.runtime.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 
 WD = 0.05
 

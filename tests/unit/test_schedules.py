@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.runtime.schedules import cosine_schedule, set_lr, set_weight_decay
+from raylab.engine.schedules import cosine_schedule, set_lr, set_weight_decay
 
 
 def test_cosine_without_warmup_by_hand():

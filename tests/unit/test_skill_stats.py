@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from raylab.errors import DataError
-from raylab.methods.skill import table_channel_stats
+from raylab.methods.skill.data import table_channel_stats
 
 C = 76  # JIGSAWS kinematic channels
 

@@ -235,7 +235,7 @@ def test_state_round_trips_through_json() -> None:
         StreamProtocol.from_state(bad)
     leaky = p.state_dict()
     leaky["train"]["3"] = leaky["rows"]["3"][0]  # bucket 3 would train on its test rows
-    with pytest.raises(StreamError, match="IID bucket 3"):
+    with pytest.raises(StreamError, match="bucket 3: its test rows are empty or overlap"):
         StreamProtocol.from_state(leaky)
 
 
@@ -326,3 +326,40 @@ def test_bad_rows_and_config_are_clear_errors() -> None:
         StreamProtocol(rows, train_fraction=1.0)
     with pytest.raises(ConfigError, match="kind"):
         StreamProtocol(rows, buffer={"kind": "fifo", "capacity": 3})
+
+
+@pytest.mark.parametrize("protocol", ["iid", "streaming"])
+def test_validation_rows_are_never_the_final_runs_test_rows(protocol: str) -> None:
+    """Tuning never sees test rows: a validating stream (a Tune trial) trains without its
+    validation rows and scores only them; the final stream never scores them."""
+    rows = make_rows(4)
+    final = StreamProtocol(rows, protocol, seed=1, val_fraction=0.2)
+    tuning = StreamProtocol(rows, protocol, seed=1, val_fraction=0.2, validate=True)
+    paper = StreamProtocol(rows, protocol, seed=1)  # val_fraction 0: the paper's test sets
+    for b in final.buckets:
+        ids = set(rows[b][0])
+        val = set(tuning.test_ids(b))
+        n_pool = len(paper.train[b])
+        assert len(val) == round(0.2 * n_pool)  # stratified share of the training pool
+        assert not val & set(final.test_ids(b))  # disjoint from the final metric's rows
+        assert not val & set(tuning.train[b])  # and never trained on while tuning
+        # Tune trains on the pool less the validation rows; the final run on all of it.
+        assert set(tuning.train[b]) | val == set(final.train[b]) == set(paper.train[b])
+        if protocol == "iid":  # the 30 % test split is untouched
+            assert set(final.test_ids(b)) == set(paper.test_ids(b)) == ids - set(
+                paper.train[b])
+        else:  # streaming scores the whole bucket but its validation rows
+            assert set(final.test_ids(b)) == ids - val
+            assert set(paper.test_ids(b)) == ids
+    # The validation rows of every class are in proportion (stratified).
+    counts = Counter(tuning.label[r] for r in tuning.test_ids(1))
+    assert max(counts.values()) - min(counts.values()) <= 1
+    # A validating stream refuses to leak: validation rows never go out for training.
+    b = tuning.next_bucket()
+    assert not set(b["train_ids"]) & set(tuning.test_ids(b["bucket"]))
+    with pytest.raises(ConfigError, match="val_fraction > 0"):
+        StreamProtocol(rows, protocol, val_fraction=0.0, validate=True)
+    # The state round-trips and fingerprints the validation setting.
+    again = StreamProtocol.from_state(json.loads(json.dumps(tuning.state_dict())))
+    assert again.test_ids(2) == tuning.test_ids(2)
+    assert tuning.fingerprint() != final.fingerprint()

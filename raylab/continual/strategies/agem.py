@@ -54,6 +54,8 @@ class AGEM(Strategy):
     """
 
     name = "agem"
+    table_name = "AGEM"
+    config_knobs = {"agem_sample_size": "sample_size"}
     default_buffer = "reservoir"
 
     def __init__(self, sample_size: int = 256) -> None:

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylab.engine.checkpoint import unwrap_model as unwrap  # re-exported to strategies
 from raylab.errors import ConfigError
-from raylab.runtime.checkpoint import unwrap_model as unwrap  # re-exported to strategies
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BatchesFactory = Callable[[], Iterable[Any]]
@@ -122,13 +122,18 @@ class Strategy:
 
     Subclasses override the hooks they need and extend :meth:`state_dict` /
     :meth:`load_state_dict` through ``super()``. ``all_reduce`` (None, or a callable that
-    sums a tensor over workers, e.g. ``raylab.runtime.worker.all_reduce_sum``) is set by the
+    sums a tensor over workers, e.g. a worker context's ``all_reduce_sum``) is set by the
     worker when several replicas train together; strategies that compute statistics outside
     the DDP-synchronised backward (EWC's Fisher, AGEM's reference gradient) use it so that
     every replica stays identical.
     """
 
     name: ClassVar[str] = "base"
+    #: The strategy's row name in the CLEAR paper's Table 1.
+    table_name: ClassVar[str] = "Fine-tuning"
+    #: Config keys of the CLEAR method -> this strategy's keyword arguments (``si_c`` ->
+    #: ``c``); only the chosen strategy's keys are passed on.
+    config_knobs: ClassVar[dict[str, str]] = {}
     default_buffer: ClassVar[str | None] = None
     from_scratch: ClassVar[bool] = False
     trains_on_buffer: ClassVar[bool] = False

@@ -76,6 +76,7 @@ class CWRStar(Strategy):
     """
 
     name = "cwr"
+    table_name = "CWR*"
 
     def __init__(self, layer: str | None = None, freeze_backbone: bool = True) -> None:
         super().__init__()

@@ -96,6 +96,8 @@ class EWC(Strategy):
     """
 
     name = "ewc"
+    table_name = "EWC"
+    config_knobs = {"ewc_lambda": "ewc_lambda"}
 
     def __init__(self, ewc_lambda: float = 2e-3, mode: str = "online",
                  decay: float = 1.0) -> None:

@@ -29,6 +29,8 @@ class Finetune(Strategy):
     """
 
     name = "finetune"
+    table_name = "Finetuning"
+    config_knobs = {"replay_ratio": "replay_ratio"}
     default_buffer = "reservoir"  # only used with replay_ratio > 0 (see buffer_kind)
 
     def __init__(self, replay_ratio: float = 0.0) -> None:
@@ -56,6 +58,7 @@ class ER(Finetune):
     (reservoir)" row differs only in its buffer (a uniform reservoir)."""
 
     name = "er"
+    table_name = "ER"
     default_buffer = "experience_balanced"
 
     def __init__(self, replay_ratio: float = 1.0) -> None:

@@ -27,6 +27,7 @@ class GDumb(Strategy):
     """Re-initialise the model before every bucket; train on the class-balanced buffer."""
 
     name = "gdumb"
+    table_name = "GDumb"
     default_buffer = "class_balanced"
     from_scratch = True
     trains_on_buffer = True

@@ -61,6 +61,8 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    table_name = "LwF"
+    config_knobs = {"lwf_alpha": "alpha", "lwf_temperature": "temperature"}
 
     def __init__(self, alpha: float | Sequence[float] = CLEAR_ALPHA,
                  temperature: float = 1.0) -> None:

@@ -52,6 +52,8 @@ class SI(Strategy):
     """
 
     name = "si"
+    table_name = "SI"
+    config_knobs = {"si_c": "c"}
 
     def __init__(self, c: float = 5e-5, xi: float = 1e-7) -> None:
         super().__init__()

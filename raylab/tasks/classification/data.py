@@ -1,7 +1,8 @@
 """Image data shared by the image methods: shard lookup, hold-out, decoding in Ray Data.
 
-Driver side only (Ray Data); the per-row transforms themselves are pure torch in
-:mod:`raylab.transforms.images` and :mod:`raylab.transforms.multicrop`.
+Driver side: it builds Ray Data pipelines through :mod:`raylab.runtime.datasets`; the
+per-row transforms themselves are pure torch in :mod:`raylab.transforms.images` and
+:mod:`raylab.transforms.multicrop`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from raylab.errors import ConfigError, DataError
+from raylab.runtime.datasets import read_shards
+from raylab.tasks.classification.config import ClassificationConfig, ImageDataConfig
 
 
 @dataclass
@@ -167,7 +170,7 @@ def _labelled_example(splits: _Splits, avoid: str) -> str:
     return next((s for s in labelled if s != avoid), labelled[0] if labelled else "none")
 
 
-def _in_val(paths: Any, fraction: float) -> Any:
+def in_val(paths: Any, fraction: float) -> Any:
     """Deterministic hold-out by a stable hash of the path (same on every node)."""
     import zlib
 
@@ -185,21 +188,43 @@ class HoldOut:
         self.keep_val = keep_val
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        mask = _in_val(batch["path"], self.fraction)
+        mask = in_val(batch["path"], self.fraction)
         if not self.keep_val:
             mask = ~mask
         return {k: v[mask] for k, v in batch.items()}
 
 
-def encoded_images(paths: list[str], cfg: Any, training: bool, hold_out: bool | None = None,
-                   limit: int = 0) -> Any:
+def row_paths(paths: list[str]) -> list[str]:
+    """The image paths (the rows' identities) of the shard files ``paths``, in order
+    (reads their ``path`` column only)."""
+    import pyarrow.parquet as pq
+
+    names: list[str] = []
+    for path in paths:
+        names += pq.read_table(path, columns=["path"]).column("path").to_pylist()
+    return names
+
+
+def holdout_paths(paths: list[str], fraction: float) -> list[str]:
+    """The image paths of the shard files ``paths`` in the validation hold-out of
+    :class:`HoldOut` (what a Tune trial scores)."""
+    names = row_paths(paths)
+    return [n for n, keep in zip(names, in_val(names, fraction)) if keep] if fraction > 0 \
+        else []
+
+
+def holdout_rows(paths: list[str], fraction: float) -> int:
+    """How many rows of the shard files ``paths`` fall in the validation hold-out."""
+    return len(holdout_paths(paths, fraction))
+
+
+def encoded_images(paths: list[str], cfg: ImageDataConfig, training: bool,
+                   hold_out: bool | None = None, limit: int = 0) -> Any:
     """The encoded rows, streamed from Parquet or held in the object store when small.
 
     ``limit`` keeps the first rows only (0: all). ``hold_out``: None keeps every row; True
     keeps only the validation share of the split, False drops it (``cfg.val_fraction``).
     """
-    from raylab.runtime.datasets import read_shards
-
     ds = read_shards(paths, ["image", "label", "path"], shuffle_files=training,
                      materialize_mb=cfg.materialize_mb)
     if limit:
@@ -235,3 +260,19 @@ def transform_batch(batch: dict[str, Any], kind: str = "classify", **kwargs: Any
         module, name = TRANSFORM_KINDS[kind].split(":")
         _TRANSFORMS[key] = getattr(importlib.import_module(module), name)(**kwargs)
     return _TRANSFORMS[key](batch)
+
+
+def image_dataset(paths: list[str], cfg: ClassificationConfig, training: bool,
+                  hold_out: bool | None = None, limit: int = 0) -> Any:
+    """Decode + augment on CPU in Ray Data; workers receive pixel tensors and labels.
+
+    ``hold_out``: None keeps every row; True keeps only the validation share of the split,
+    False drops it (see ``val_fraction``).
+    """
+    ds = encoded_images(paths, cfg, training, hold_out, limit)
+    kwargs = cfg.aug.transform_kwargs() if training else {}
+    if cfg.loader_dtype == "uint8":
+        kwargs.pop("re_prob", None)  # random erasing happens on the worker's device
+    return ds.map_batches(transform_batch, fn_kwargs=dict(
+        is_training=training, input_size=cfg.input_size, out_dtype=cfg.loader_dtype,
+        **kwargs), batch_format="numpy", batch_size=64)

@@ -38,17 +38,25 @@ class BatchCache:
 
     @property
     def rows(self) -> int:
-        if self._columns is None:
+        if not self._columns:
             return 0
         return next(iter(self._columns.values())).shape[0]
 
     def epoch(self, stream: Callable[[], Iterable[Batch]], batch_size: int,
-              shuffle_seed: int | None = None, drop_last: bool = False) -> Iterator[Batch]:
+              shuffle_seed: int | None = None, drop_last: bool = False,
+              agree: Callable[[bool], bool] | None = None) -> Iterator[Batch]:
         """Batches of one epoch: streamed (and recorded) the first time, then replayed.
 
         ``stream`` is only called when the cache cannot serve the epoch. A replayed epoch
         yields the same rows as the first in a new order (``shuffle_seed``) or in the
-        recorded order (None), cut into ``batch_size`` batches.
+        recorded order (None), cut into ``batch_size`` batches. A first pass of no rows is
+        cached too (an empty shard stays empty).
+
+        ``agree`` makes the workers of a split dataset decide together: called once after
+        the first pass with "this shard is too big to cache", it returns whether any
+        worker's is (an all-reduce). A streaming split must be read by all its workers in
+        each epoch, so one worker replaying while another streams would leave the streamer
+        waiting for the others forever.
         """
         if self._columns is not None:
             yield from self._replay(batch_size, shuffle_seed, drop_last)
@@ -69,13 +77,18 @@ class BatchCache:
             yield batch
         # Reached only when the consumer read the whole epoch (an early stop closes the
         # generator at the yield above), so a partial pass is never replayed.
-        if not self._too_big and parts:
-            self._columns = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if agree is not None:
+            self._too_big = agree(self._too_big)
+        if not self._too_big:
+            self._columns = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} \
+                if parts else {}
 
     def _replay(self, batch_size: int, shuffle_seed: int | None, drop_last: bool
                 ) -> Iterator[Batch]:
         assert self._columns is not None
         n = self.rows
+        if n == 0:
+            return
         if shuffle_seed is None:
             order = torch.arange(n)
         else:

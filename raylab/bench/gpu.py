@@ -1,4 +1,4 @@
-"""GPU step benchmarks without Ray: ``python -m raylab.bench_gpu [convnext|dino|all]``.
+"""GPU step benchmarks without Ray: ``python -m raylab.bench.gpu [convnext|dino|all]``.
 
 The GPU machines lent to this project have torch and timm but no Ray, so this measures
 the worker-side step functions directly, each against a plain baseline in the same run:
@@ -58,8 +58,8 @@ def _raylab_convnext_step(x: torch.Tensor, y: torch.Tensor, compiled: bool, warm
     import numpy as np
 
     from raylab.losses.classification import train_criterion
-    from raylab.methods.image_step import ClassificationStep
     from raylab.optim import build_optimizer
+    from raylab.tasks.classification.step import ClassificationStep
     from raylab.transforms.images import build_mixup
 
     model = _convnext()
@@ -114,7 +114,7 @@ def bench_convnext(batch: int = 128, iters: int = 20, warmup: int = 5) -> dict[s
 
 
 def bench_dino(batch: int = 64, iters: int = 10, warmup: int = 3) -> dict[str, Any]:
-    from raylab.methods.dino_loop import dino_step
+    from raylab.methods.dino.task import dino_step
     from raylab.models.dino import DINOHead, MultiCropWrapper, build_backbone, clip_gradients
     from raylab.optim import ModelEma, param_groups
 
@@ -184,18 +184,32 @@ def bench_dino(batch: int = 64, iters: int = 10, warmup: int = 3) -> dict[str, A
             "raylab_img_per_s": round(batch / t_ours, 1)}
 
 
+def steps(which: str = "all") -> dict[str, Any]:
+    """The step figures of ``which`` (``convnext``, ``dino`` or ``all``) on this GPU."""
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0),
+                              "torch": torch.__version__}
+    if which in ("convnext", "all"):
+        result["convnext"] = bench_convnext()
+    if which in ("dino", "all"):
+        result["dino"] = bench_dino()
+    return result
+
+
+def bench_steps(opts: Any) -> dict[str, Any]:
+    """``raylab bench gpu-steps [--only convnext|dino]``."""
+    from raylab.errors import RaylabError
+
+    if not torch.cuda.is_available():
+        raise RaylabError("bench gpu-steps: no CUDA device on this machine")
+    return steps((opts.only or ["all"])[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     which = (argv if argv is not None else sys.argv[1:]) or ["all"]
     if not torch.cuda.is_available():
-        print("raylab.bench_gpu: no CUDA device", file=sys.stderr)
+        print("raylab.bench.gpu: no CUDA device", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0),
-                              "torch": torch.__version__}
-    if which[0] in ("convnext", "all"):
-        result["convnext"] = bench_convnext()
-    if which[0] in ("dino", "all"):
-        result["dino"] = bench_dino()
-    print(json.dumps(result, indent=2))
+    print(json.dumps(steps(which[0]), indent=2))
     return 0
 
 

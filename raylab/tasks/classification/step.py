@@ -1,10 +1,11 @@
 """One optimisation step of supervised image classification, in plain torch.
 
-The Ray Train loop (:mod:`raylab.methods.image_loop`) calls this once per micro-batch;
-benchmarks call it directly on a GPU without Ray. It owns what the ConvNeXt recipe adds
-to a bare step: Mixup/CutMix on the batch, AMP (bf16, or fp16 with a grad scaler),
-channels_last, gradient accumulation (DDP gradients are synchronised only on the last
-micro-batch), optional gradient clipping, the per-iteration lr schedule and the EMA update.
+The classification task (:mod:`raylab.tasks.classification.task`) calls this once per
+micro-batch; benchmarks call it directly on a GPU without Ray. It owns what the ConvNeXt
+recipe adds to a bare step: Mixup/CutMix on the batch, AMP (bf16, or fp16 with a grad
+scaler), channels_last, gradient accumulation (DDP gradients are synchronised only on the
+micro-batch that completes a step), optional gradient clipping, the per-iteration lr
+schedule and the EMA update.
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylab.runtime.precision import autocast
-from raylab.runtime.schedules import set_lr
+from raylab.engine.precision import autocast
+from raylab.engine.schedules import set_lr
+from raylab.losses.classification import topk_correct
+from raylab.transforms.images import apply_mixup
+
+#: ``loss_fn(model, x, target) -> (loss, logits)``: how a step turns a (mixed) batch into a
+#: loss; the default is ``criterion(model(x), target)``. A distillation task passes its own
+#: (a teacher's logits next to the student's).
+LossFn = Any
 
 
 class ClassificationStep:
-    """Callable per micro-batch: ``step(x, y) -> (loss, stepped)``.
+    """Callable per micro-batch: ``step(x, y, last=False) -> (loss, stepped)``.
+
+    A micro-batch completes an optimizer step when it is the ``grad_accum``-th since the
+    last step, or when ``last`` says it is the epoch's last: a short group at the end of
+    an epoch is then synchronised across workers like any other (DDP all-reduces in its
+    backward) and stepped with the mean gradient of its micro-batches.
 
     Args:
         model: The (possibly DDP-wrapped or compiled) model.
@@ -38,13 +51,15 @@ class ClassificationStep:
         step: Optimizer steps already taken (when resuming).
         prepare: Applied to the batch on the device before Mixup, e.g.
             :class:`raylab.transforms.images.DeviceNormalize` for uint8 loaders.
+        loss_fn: ``loss_fn(model, x, target) -> (loss, logits)``; default
+            ``criterion(model(x), target)``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  criterion: nn.Module, device: torch.device, lr_schedule: np.ndarray,
                  mixup: Any = None, precision: str = "fp32", channels_last: bool = False,
                  grad_accum: int = 1, clip_grad: float | None = None, ema: Any = None,
-                 step: int = 0, prepare: Any = None) -> None:
+                 step: int = 0, prepare: Any = None, loss_fn: LossFn = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.criterion = criterion
@@ -58,15 +73,20 @@ class ClassificationStep:
         self.ema = ema
         self.step = step
         self.prepare = prepare
+        self.loss_fn = loss_fn or self._criterion_loss
         self.micro = 0
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def lr_at(self, step: int) -> float:
         return float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        from raylab.transforms.images import apply_mixup
+    def _criterion_loss(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return self.criterion(logits.float(), target), logits
 
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, last: bool = False
+                 ) -> tuple[torch.Tensor, bool]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.prepare is not None:
@@ -77,20 +97,24 @@ class ClassificationStep:
         if self.mixup is not None:
             x, target = apply_mixup(self.mixup, x, y)
         self.micro += 1
-        last = self.micro % self.grad_accum == 0
-        sync = nullcontext() if last or not hasattr(self.model, "no_sync") else \
+        steps = last or self.micro == self.grad_accum
+        sync = nullcontext() if steps or not hasattr(self.model, "no_sync") else \
             self.model.no_sync()
         with sync:
             with autocast(self.device, self.precision):
-                logits = self.model(x)
-            loss = self.criterion(logits.float(), target)
-            self.scaler.scale(loss / self.grad_accum).backward()
-        if last:
+                loss, _ = self.loss_fn(self.model, x, target)
+            self.scaler.scale(loss.float() / self.grad_accum).backward()
+        if steps:
             self.optimizer_step()
-        return loss.detach(), last
+        return loss.detach(), steps
 
     def optimizer_step(self) -> None:
-        """Apply the accumulated gradients (also used to flush a partial accumulation)."""
+        """Apply the accumulated gradients: the mean over the micro-batches since the last
+        step (a short group at an epoch's end is scaled up to a mean, not left smaller)."""
+        if 0 < self.micro < self.grad_accum:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.grad_accum / self.micro)
         set_lr(self.optimizer, self.lr_at(self.step))
         if self.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
@@ -113,8 +137,6 @@ def evaluate_counts(model: nn.Module, batches: Any, device: torch.device, precis
                     channels_last: bool = False, prepare: Any = None) -> torch.Tensor:
     """``[loss_sum, top1_correct, top5_correct, count]`` (float64, this worker only)."""
     import torch.nn.functional as F
-
-    from raylab.losses.classification import topk_correct
 
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)

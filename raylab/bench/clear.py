@@ -2,13 +2,14 @@
 
 Every strategy row, under both protocols, for several seeds, with a from-scratch timm
 network and (given ``--features``, a DINO checkpoint) a linear classifier over frozen
-features. Each run is the learner the TorchTrainer workers run
-(:func:`raylab.continual.runner.run_stream`) against a :class:`~raylab.continual.stream.
-StreamService` in this process, not through the Ray actor: the table measures the
-strategies, and 120 Ray runs would mostly measure Ray's start-up on 2 cores (the actor and
-the workers are tested in tests/integration/test_clear_ray.py). Images are decoded once and
-frozen features computed once for all runs. Each run writes a ``summary.json`` in the
-method's format, so ``raylab clear-table OUT`` rebuilds the table.
+features. Each run is the learner the TorchTrainer workers run (the same
+:class:`~raylab.methods.clear.task.ClearTask` on the engine's loop, with a plain worker
+context) against a :class:`~raylab.continual.stream.StreamService` in this process, not
+through the Ray actor: the table measures the strategies, and 120 Ray runs would mostly
+measure Ray's start-up on 2 cores (the actor and the workers are tested in
+tests/integration/test_clear_ray.py). Images are decoded once and frozen features computed
+once for all runs. Each run writes a ``summary.json`` in the method's format, so
+``raylab clear-table OUT`` rebuilds the table.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from raylab import config as cfglib
+from raylab.bench import BenchOptions
 
 #: (Table-1 row, config overrides). Biased reservoir: each new bucket takes half of the
 #: buffer (a recency bias distinct from the plain reservoir's uniform share).
@@ -59,40 +61,41 @@ def stream_folder(data: str | None, tmp: Path) -> str:
 
 
 def _one_run(cfg: Any, info: Any, store: Any, out: Path, device: torch.device) -> dict:
-    from raylab.continual.runner import run_stream
     from raylab.continual.stream import StreamService
-    from raylab.methods.clear import bucket_settings, build_strategy, stream_kwargs, summarise
-    from raylab.methods.clear_loop import learner_model
+    from raylab.engine.context import LocalContext
+    from raylab.engine.keys import TEST
+    from raylab.engine.loop import build_and_run
+    from raylab.methods.clear.method import stream_kwargs, summarise, task_args
+    from raylab.methods.clear.task import ROW_STORE, STREAM, ClearTask
 
     out.mkdir(parents=True, exist_ok=True)
     state = out / "stream_state.json"
     if state.exists():
         state.unlink()  # a bench run always starts afresh
     service = StreamService(state, **stream_kwargs(cfg, info))
-    torch.manual_seed(cfg.seed)
-    dim = store.bucket(info.buckets[0])[0].shape[1] if cfg.features else None
-    model = learner_model(cfg, len(info.class_names), dim)
+    ctx = LocalContext(device=device, services={STREAM: service, ROW_STORE: store})
+    args = dict(task_args(cfg, info), name="bench", split=TEST, run_dir=None)
     t0 = time.perf_counter()
-    run_stream(service, store, model.to(device), build_strategy(cfg), bucket_settings(cfg),
-               device)
+    build_and_run(lambda c: ClearTask(cfg, args, c), ctx, cfg.seed)
     summary = summarise(cfg, info, service.metrics(), time.perf_counter() - t0)
     summary["bench"] = "in-process StreamService (raylab bench clear-table)"
     cfglib.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | None = None,
-                      seeds: int = 3, out: str | None = None,
-                      only: list[str] | None = None) -> dict[str, Any]:
+def bench_clear_table(opts: BenchOptions) -> dict[str, Any]:
     """Every row x protocol x seed (x backbone); returns the table and the wall times.
 
-    ``only`` keeps the rows of these strategies (e.g. to redo one row into ``out``); the
-    table then covers every run found in ``out``.
+    ``--only`` keeps the rows of these strategies (e.g. to redo one row into ``--out``);
+    the table then covers every run found in ``--out``.
     """
     from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
     from raylab.methods.clear import ClearConfig, load_stream
-    from raylab.methods.clear_table import build_table, format_markdown
+    from raylab.methods.clear.table import build_table, format_markdown
+    from raylab.models.backbones import load_backbone
 
+    data, epochs, tmp, features = opts.data, opts.epochs, opts.tmp, opts.features
+    seeds, out, only = opts.seeds, opts.out, opts.only
     stream = stream_folder(data, tmp)
     root = Path(out) if out else tmp / "clear_table_runs"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,8 +111,6 @@ def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | 
         images = ImageRows(stream, info.input_size)
         store: Any = images
         if feature_ckpt:
-            from raylab.methods.dino import load_backbone
-
             store = FeatureRows(images, FrozenEmbedding(load_backbone(feature_ckpt), device))
         kind = "features" if feature_ckpt else "scratch"
         t0 = time.perf_counter()
@@ -128,7 +129,7 @@ def bench_clear_table(data: str | None, epochs: int, tmp: Path, features: str | 
                           flush=True)
         result["wall_s"][kind] = round(time.perf_counter() - t0, 1)
     if only and out:
-        from raylab.methods.clear_table import find_summaries, load_summaries
+        from raylab.methods.clear.table import find_summaries, load_summaries
 
         summaries = load_summaries(find_summaries([root]))
     table = build_table(summaries)

@@ -1,4 +1,4 @@
-"""Image benchmarks for `raylab bench` (figures in BENCHMARKS.md), each with its baseline.
+"""Image benchmarks (figures in BENCHMARKS.md), each with its baseline in the same run.
 
 - ``ingest-images``: images/s decoded + augmented (timm train transform: RandAugment,
   random erasing, bicubic) through the Ray Data pipeline the ConvNeXt method trains from,
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raylab import config as cfglib
+from raylab.bench import BenchOptions
 
 
 def image_shards(data: str | None, tmp: Path) -> str:
@@ -46,7 +47,7 @@ def image_shards(data: str | None, tmp: Path) -> str:
 
 
 def _config(shards: str, **overrides: Any) -> Any:
-    from raylab.methods.convnext import ConvNeXtConfig
+    from raylab.methods.convnext.config import ConvNeXtConfig
 
     return cfglib.apply_overrides(ConvNeXtConfig(), {"data": shards, **overrides})
 
@@ -75,21 +76,19 @@ class _ShardImages(torch.utils.data.IterableDataset):
                 yield transform(decode_image(images[i])), labels[i]
 
 
-def bench_ingest_images(shards: str, epochs: int, tmp: Path, processes: int = 2,
-                        input_size: int = 32, batch: int = 64) -> dict[str, Any]:
-    import ray.data
-
+def bench_ingest_images(opts: BenchOptions, processes: int = 2, input_size: int = 32,
+                        batch: int = 64) -> dict[str, Any]:
     from raylab.data.imagefolder import split_paths
-    from raylab.methods.convnext import _transform_kwargs, image_dataset
-    from raylab.runtime.cluster import ensure_ray
+    from raylab.runtime.cluster import ensure_ray, limit_data_cpus
+    from raylab.tasks.classification.data import image_dataset
     from raylab.transforms.images import DeviceNormalize
 
+    epochs = max(opts.epochs, 2)
+    shards = image_shards(opts.data, opts.tmp)
     cfg = _config(shards, input_size=input_size)
     paths = split_paths(shards, cfg.train_split)
     ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        cpu=processes)
+    limit_data_cpus(processes)
     ds = image_dataset(paths, cfg, training=True)
     # The consumer finishes what the uint8 loader leaves to the worker (normalise, random
     # erasing), so both sides deliver the same normalised, erased float batches.
@@ -102,7 +101,7 @@ def bench_ingest_images(shards: str, epochs: int, tmp: Path, processes: int = 2,
             n += len(b["label"])
         ray_rates.append(n / (time.perf_counter() - t0))
     loader = torch.utils.data.DataLoader(
-        _ShardImages(paths, input_size, _transform_kwargs(cfg)), batch_size=batch,
+        _ShardImages(paths, input_size, cfg.aug.transform_kwargs()), batch_size=batch,
         num_workers=processes)
     for _ in range(epochs):
         t0, m = time.perf_counter(), 0
@@ -123,12 +122,13 @@ CIFAR_BUDGET = {"input_size": 32, "optim.batch_size": 128, "optim.reference_batc
                 "optim.lr": 2e-3, "optim.warmup_epochs": 1}
 
 
-def bench_convnext_cifar(shards: str, epochs: int, tmp: Path, input_size: int = 32
-                         ) -> dict[str, Any]:
+def bench_convnext_cifar(opts: BenchOptions, input_size: int = 32) -> dict[str, Any]:
     from raylab.methods.convnext import ConvNeXtMethod
     from raylab.runtime.cluster import ensure_ray
     from raylab.runtime.options import RunOptions
 
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    shards = image_shards(opts.data, tmp)
     ensure_ray()
     out: dict[str, Any] = {"bench": "convnext-cifar", "epochs": epochs,
                            "budget": dict(CIFAR_BUDGET, input_size=input_size)}
@@ -143,8 +143,6 @@ def bench_convnext_cifar(shards: str, epochs: int, tmp: Path, input_size: int = 
                       "wall_s": round(time.perf_counter() - t0, 1)}
     return out
 
-
-BENCHES = {"ingest-images": bench_ingest_images, "convnext-cifar": bench_convnext_cifar}
 
 
 #: DINO on 32 px CIFAR within a CPU budget (jobs/configs/dino/cifar_cpu.yaml holds the
@@ -204,12 +202,11 @@ def _knn(backbone: torch.nn.Module, data: dict[str, Any], size: int, classes: in
 
 def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> dict[str, float]:
     """The same backbone + a linear head, cross-entropy, same epochs/batch, in plain torch."""
-    from raylab.methods.dino import backbone_kwargs
-    from raylab.models.dino import build_backbone
+    from raylab.models.backbones import backbone_from_config
     from raylab.transforms.images import build_transform
 
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size, **backbone_kwargs(cfg))
+    backbone = backbone_from_config(cfglib.to_dict(cfg))
     model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, classes))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     augment = build_transform(True, cfg.img_size, auto_augment=None, re_prob=0.0,
@@ -236,21 +233,23 @@ def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> di
             "wall_s": round(seconds, 1)}
 
 
-def bench_dino_cifar(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+def bench_dino_cifar(opts: BenchOptions) -> dict[str, Any]:
     """k-NN top-1 of DINO vs the same network at random init vs supervised, same budget."""
     from raylab.data.imagefolder import class_names
-    from raylab.methods.dino import DINOConfig, DINOMethod, backbone_kwargs
-    from raylab.models.dino import build_backbone
+    from raylab.methods.dino import DINOConfig, DINOMethod
+    from raylab.models.backbones import backbone_from_config
     from raylab.runtime.cluster import ensure_ray
     from raylab.runtime.options import RunOptions
 
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    shards = image_shards(opts.data, tmp)
     cfg = cfglib.apply_overrides(DINOConfig(), {"data": shards, "optim.epochs": epochs,
                                                 "eval_every": max(1, epochs // 8),
                                                 **DINO_BUDGET})
     classes = len(class_names(shards))
     data = {split: _decoded(shards, split) for split in ("train", "test")}
     torch.manual_seed(cfg.seed)
-    random_init = build_backbone(cfg.arch, cfg.img_size, cfg.patch_size, **backbone_kwargs(cfg))
+    random_init = backbone_from_config(cfglib.to_dict(cfg))
     out: dict[str, Any] = {"bench": "dino-cifar", "epochs": epochs, "budget": DINO_BUDGET,
                            "train_images": len(data["train"][1]),
                            "test_images": len(data["test"][1]),
@@ -268,7 +267,7 @@ def bench_dino_cifar(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def bench_dino_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+def bench_dino_scaling(opts: BenchOptions) -> dict[str, Any]:
     """DINO images/s and step time with 1 vs 2 Train workers (same global batch)."""
     import json
 
@@ -276,6 +275,8 @@ def bench_dino_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
     from raylab.runtime.cluster import ensure_ray
     from raylab.runtime.options import RunOptions
 
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    shards = image_shards(opts.data, tmp)
     ensure_ray()
     out: dict[str, Any] = {"bench": "dino-scaling", "epochs": epochs}
     for workers in (1, 2):
@@ -291,5 +292,3 @@ def bench_dino_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
     out["speedup"] = round(out["2_worker"]["img_per_s"] / out["1_worker"]["img_per_s"], 3)
     return out
 
-
-BENCHES.update({"dino-cifar": bench_dino_cifar, "dino-scaling": bench_dino_scaling})

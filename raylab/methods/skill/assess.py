@@ -16,8 +16,10 @@ import torch
 
 from raylab.config import from_dict
 from raylab.data.jigsaws import read_kinematics
+from raylab.engine.checkpoint import load_checkpoint, load_meta, restore_checkpoint
 from raylab.errors import CheckpointError, DataError
-from raylab.runtime.checkpoint import load_checkpoint, load_meta
+from raylab.methods.skill.config import SkillConfig
+from raylab.methods.skill.task import build_model
 from raylab.transforms.windows import ChannelStats, znorm
 
 FRAME_RATE_HZ = 30.0
@@ -40,9 +42,6 @@ class SkillAssessor:
     """A trained skill model with its normalisation, ready for streaming inference."""
 
     def __init__(self, checkpoint: str | Path, threads: int = 1) -> None:
-        from raylab.methods.skill import SkillConfig
-        from raylab.methods.skill_loop import build_model
-
         meta = load_meta(checkpoint)
         if meta.get("method") != "skill":
             raise CheckpointError(f"{checkpoint}: a {meta.get('method')!r} checkpoint, "
@@ -52,8 +51,6 @@ class SkillAssessor:
         self.class_names = list(meta["class_names"])
         self.n_channels = int(meta["n_channels"])
         self.model = build_model(self.cfg, len(self.class_names), self.n_channels)
-        from raylab.runtime.checkpoint import restore_checkpoint
-
         restore_checkpoint(load_checkpoint(checkpoint), model=self.model, restore_rng=False,
                            where=str(checkpoint))
         self.model.eval()

@@ -1,4 +1,4 @@
-"""`raylab bench ...`: the figures in BENCHMARKS.md, each against a baseline in the same run.
+"""Platform benchmarks on JIGSAWS (the skill method), each against a baseline in the same run.
 
 - ``train-overhead``: steady-state samples/s of the skill model in a 1-worker TorchTrainer
   (streaming its windows from Ray Data) vs a plain PyTorch loop over the same windows held
@@ -7,9 +7,7 @@
 - ``ingest``: windows/s of the Ray Data pipeline (read shards, z-normalise, window,
   iter_torch_batches) vs a torch DataLoader doing the same work with as many processes.
 - ``latency``: per-window inference latency of the skill model on one CPU thread.
-- ``scaling``: samples/s with 2 Train workers vs 1.
-
-Image benchmarks (``ingest-images``, ``convnext-cifar``) live in :mod:`raylab.bench_images`.
+- ``scaling``: samples/s with 2 Train workers vs 1, and plain torch DDP with 2 vs 1.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import json
 import queue
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from raylab import bench
 from raylab import config as cfglib
-
-#: Set by the CLI as early as possible: "time from command start" is measured from here.
-COMMAND_START = time.time()
+from raylab.bench import BenchOptions
 
 
 def _shards(data: str | None, tmp: Path) -> str:
@@ -41,14 +37,19 @@ def _shards(data: str | None, tmp: Path) -> str:
     return str(tmp / "shards")
 
 
-def _setup(shards: str, epochs: int) -> tuple[Any, list[str], list[Any], list[Any]]:
-    from raylab.methods.skill import SkillConfig, _select, folds_for, load_trials
+def _setup(shards: str, epochs: int) -> tuple[Any, Any, Any]:
+    """The config, the trials and the first fold's run plan."""
+    from raylab.methods.skill import SkillConfig, SkillMethod
 
     cfg = cfglib.apply_overrides(SkillConfig(), {"data": shards, "optim.epochs": epochs,
                                                  "checkpoint_every": 1000})
-    paths, trials = load_trials(cfg)
-    fold = folds_for(cfg, trials)[0]
-    return cfg, paths, _select(trials, fold.train), _select(trials, fold.test)
+    method = SkillMethod()
+    data = method.load(cfg)
+    return cfg, data, method.plan(cfg, data, tune=False)[0]
+
+
+def _fold_trials(plan: Any) -> tuple[list[Any], list[Any]]:
+    return plan.data["train"], plan.data[plan.split]
 
 
 def _in_memory_windows(cfg: Any, trials: list[Any]) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -80,8 +81,10 @@ def _epoch_rates(cfg: Any, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
 
     Each of the ``world`` ranks takes every ``world``-th window of a shared permutation
     and ``batch_size // world`` of them per step, as Train workers share a global batch.
+    The step is the task's own (``raylab.methods.skill.task.train_step``), so the ratio
+    measures what the platform adds around it.
     """
-    from raylab.methods.skill_loop import train_epoch
+    from raylab.methods.skill.task import train_step
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)
@@ -95,18 +98,23 @@ def _epoch_rates(cfg: Any, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
                    for i in range(0, len(perm), per_rank))
         before_epoch()
         t0 = time.perf_counter()
-        out = train_epoch(model, opt, batches, torch.device("cpu"), cfg.precision, all_reduce)
-        rates.append(out["train_samples"] / (time.perf_counter() - t0))
+        model.train()
+        samples = torch.zeros(1, dtype=torch.float64)
+        for batch in batches:
+            samples += train_step(model, opt, batch, torch.device("cpu"), cfg.precision)[
+                "samples"]
+        samples = all_reduce(samples)
+        rates.append(samples.item() / (time.perf_counter() - t0))
     return rates
 
 
 def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    """The same step code (``train_epoch``) over the windows in memory, without Ray.
+    """The same step code (``train_step``) over the windows in memory, without Ray.
 
     Both sides run the identical per-batch work (forward, backward, AdamW, loss/accuracy
     bookkeeping), so the ratio measures what the platform adds and nothing else.
     """
-    from raylab.methods.skill_loop import build_model
+    from raylab.methods.skill.task import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -114,12 +122,16 @@ def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: i
     return statistics.median(rates[1:] or rates)
 
 
-def _ray_run(cfg: Any, paths: list[str], train: list[Any], test: list[Any], workers: int,
-             storage: Path, name: str) -> list[dict[str, Any]]:
-    from raylab.methods.skill import fit_fold
+def _ray_run(cfg: Any, data: Any, plan: Any, workers: int, storage: Path, name: str
+             ) -> list[dict[str, Any]]:
+    """One fold through the method's own fit (Ray Train, the engine's loop)."""
+    from dataclasses import replace
+
+    from raylab.methods.skill import SkillMethod
     from raylab.runtime.options import RunOptions
 
-    fit_fold(cfg, RunOptions(workers=workers), paths, train, test, "test", str(storage), name)
+    SkillMethod().fit(cfg, RunOptions(workers=workers), data, [replace(plan, name=name)],
+                      str(storage))
     return [json.loads(line) for line in (storage / name / "metrics.jsonl").open()]
 
 
@@ -128,19 +140,20 @@ def _steady(rows: list[dict[str, Any]]) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def bench_train_overhead(shards: str, epochs: int, tmp: Path, workers: int = 1
-                         ) -> dict[str, Any]:
-    """``workers`` 1: a 1-worker TorchTrainer; 0: the same trainer in-process (``--workers
-    0``), its loop in this process, limited to 1 thread like the baseline."""
+def bench_train_overhead(opts: BenchOptions) -> dict[str, Any]:
+    """``--workers 1``: a 1-worker TorchTrainer; 0: the same trainer in-process, its loop
+    in this process, limited to 1 thread like the baseline."""
     from raylab.runtime.cluster import ensure_ray
 
-    cfg, paths, train, test = _setup(shards, epochs)
+    epochs, workers, tmp = max(opts.epochs, 2), opts.workers, opts.tmp
+    cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
+    train, _ = _fold_trials(plan)
     ensure_ray()
     if workers == 0:
         torch.set_num_threads(1)
-    rows = _ray_run(cfg, paths, train, test, workers, tmp / "runs", "overhead")
+    rows = _ray_run(cfg, data, plan, workers, tmp / "runs", "overhead")
     ray_rate = _steady(rows)
-    to_first_step = rows[0]["first_step_unix_time"] - COMMAND_START
+    to_first_step = rows[0]["first_step_unix_time"] - bench.COMMAND_START
     x, y, _ = _in_memory_windows(cfg, train)
     plain_rate = _plain_loop_samples_per_s(cfg, x, y, threads=1)
     return {"bench": "train-overhead", "train_workers": workers,
@@ -188,15 +201,16 @@ class _DataLoaderWindows(torch.utils.data.IterableDataset):
                 yield torch.from_numpy(out["x"][idx]), torch.from_numpy(out["y"][idx])
 
 
-def bench_ingest(shards: str, epochs: int, tmp: Path, processes: int = 2) -> dict[str, Any]:
-    import torch
-
-    from raylab.methods.skill import channel_stats, trial_rows, window_dataset
+def bench_ingest(opts: BenchOptions, processes: int = 2) -> dict[str, Any]:
+    from raylab.methods.skill.data import channel_stats, window_dataset
     from raylab.runtime.cluster import ensure_ray
 
-    cfg, paths, train, _ = _setup(shards, epochs)
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
+    train, _ = _fold_trials(plan)
+    paths = data.paths
     ensure_ray()
-    rows = trial_rows(paths, cfg)
+    rows = data.rows(cfg)
     stats = channel_stats(rows, {t.name for t in train})
     ds = window_dataset(rows, train, cfg, stats)
     ray_rates, dl_rates = [], []
@@ -219,11 +233,9 @@ def bench_ingest(shards: str, epochs: int, tmp: Path, processes: int = 2) -> dic
             "dataloader_workers": processes, "ratio": round(ray_rate / dl_rate, 3)}
 
 
-def bench_latency(shards: str, epochs: int, tmp: Path, n: int = 2000) -> dict[str, Any]:
-    import torch
-
+def bench_latency(opts: BenchOptions, n: int = 2000) -> dict[str, Any]:
     from raylab.methods.skill import SkillConfig
-    from raylab.methods.skill_loop import build_model
+    from raylab.methods.skill.task import build_model
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"bench": "latency", "threads": 1}
@@ -251,7 +263,7 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: Any, x: np.ndarray, y: np.n
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from raylab.methods.skill_loop import build_model
+    from raylab.methods.skill.task import build_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -306,15 +318,17 @@ def _plain_ddp_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, world: int)
     return statistics.median(per_epoch[1:] or per_epoch)
 
 
-def bench_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
+def bench_scaling(opts: BenchOptions) -> dict[str, Any]:
     """2 Train workers vs 1, next to the same comparison for plain torch DDP processes
     without Ray: the baseline says what this machine allows the model at all."""
     from raylab.runtime.cluster import ensure_ray
 
-    cfg, paths, train, test = _setup(shards, epochs)
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
+    train, _ = _fold_trials(plan)
     ensure_ray()
-    one = _steady(_ray_run(cfg, paths, train, test, 1, tmp / "runs", "w1"))
-    two = _steady(_ray_run(cfg, paths, train, test, 2, tmp / "runs", "w2"))
+    one = _steady(_ray_run(cfg, data, plan, 1, tmp / "runs", "w1"))
+    two = _steady(_ray_run(cfg, data, plan, 2, tmp / "runs", "w2"))
     x, y, _ = _in_memory_windows(cfg, train)
     plain_one = _plain_ddp_samples_per_s(cfg, x, y, world=1)
     plain_two = _plain_ddp_samples_per_s(cfg, x, y, world=2)
@@ -323,28 +337,3 @@ def bench_scaling(shards: str, epochs: int, tmp: Path) -> dict[str, Any]:
             "plain_ddp_one_process_samples_per_s": round(plain_one, 1),
             "plain_ddp_two_processes_samples_per_s": round(plain_two, 1),
             "plain_ddp_speedup": round(plain_two / plain_one, 3)}
-
-
-BENCHES = {"train-overhead": bench_train_overhead, "ingest": bench_ingest,
-           "latency": bench_latency, "scaling": bench_scaling}
-
-
-def run(name: str, data: str | None = None, epochs: int = 3, workers: int = 1
-        ) -> dict[str, Any]:
-    """Run one benchmark, print its figures as JSON and return them.
-
-    ``workers`` is the Train worker count of ``train-overhead`` (0: in-process).
-    """
-    from raylab import bench_images
-
-    with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
-        if name in bench_images.BENCHES:
-            shards = bench_images.image_shards(data, Path(tmp))
-            result = bench_images.BENCHES[name](shards, max(epochs, 2), Path(tmp))
-        else:
-            shards = _shards(data, Path(tmp)) if name != "latency" else ""
-            extra = {"workers": workers} if name == "train-overhead" else {}
-            result = BENCHES[name](shards, max(epochs, 2), Path(tmp), **extra)
-    result["date"] = time.strftime("%Y-%m-%d")
-    print(json.dumps(result, indent=2))
-    return result

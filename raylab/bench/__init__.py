@@ -1,0 +1,82 @@
+"""`raylab bench NAME`: the figures in BENCHMARKS.md, each against a baseline in the same run.
+
+One registry, :data:`BENCHES`: a benchmark's name, the function that runs it (imported
+only when it runs) and what it compares. Every function takes a :class:`BenchOptions` and
+returns a JSON-able dict; :func:`run` adds the date and prints it.
+
+- :mod:`.skill`: the platform figures on JIGSAWS (train overhead, ingest, latency,
+  scaling) against plain torch loops, DataLoaders and torch DDP;
+- :mod:`.images`: image ingest, ConvNeXt and DINO on CIFAR, DINO scaling;
+- :mod:`.clear`: the CLEAR Table 1;
+- :mod:`.gpu`: step benchmarks on a GPU without Ray (``python -m raylab.bench.gpu``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Set by the CLI as early as possible: "time from command start" is measured from here.
+COMMAND_START = time.time()
+
+
+@dataclass
+class BenchOptions:
+    """What ``raylab bench`` passes to every benchmark (each uses what it needs)."""
+
+    data: str | None = None
+    epochs: int = 3
+    workers: int = 1
+    features: str | None = None
+    seeds: int = 3
+    out: str | None = None
+    only: list[str] | None = None
+    tmp: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+
+
+@dataclass(frozen=True)
+class Bench:
+    target: str  # "module:function" under raylab.bench
+    about: str
+
+
+BENCHES: dict[str, Bench] = {
+    "train-overhead": Bench("skill:bench_train_overhead",
+                            "skill samples/s in a TorchTrainer vs a plain loop; start-up"),
+    "ingest": Bench("skill:bench_ingest", "Ray Data windows/s vs a torch DataLoader"),
+    "latency": Bench("skill:bench_latency", "per-window inference latency, 1 thread"),
+    "scaling": Bench("skill:bench_scaling", "2 Train workers vs 1, next to plain torch DDP"),
+    "loso": Bench("skill:bench_loso", "a whole LOSO run vs a plain PyTorch script"),
+    "startup": Bench("skill:bench_startup",
+                     "first step of raylab's run vs a bare TorchTrainer's"),
+    "ingest-images": Bench("images:bench_ingest_images",
+                           "Ray Data images/s vs a torch DataLoader (timm transform)"),
+    "convnext-cifar": Bench("images:bench_convnext_cifar", "ConvNeXt top-1 on CIFAR"),
+    "dino-cifar": Bench("images:bench_dino_cifar",
+                        "DINO k-NN vs random init and supervised, same network"),
+    "dino-scaling": Bench("images:bench_dino_scaling", "DINO img/s with 1 vs 2 workers"),
+    "clear-table": Bench("clear:bench_clear_table", "the CLEAR paper's Table 1"),
+    "gpu-steps": Bench("gpu:bench_steps", "ConvNeXt and DINO steps on a GPU vs plain steps"),
+}
+
+
+def run(name: str, options: BenchOptions | None = None) -> dict[str, Any]:
+    """Run benchmark ``name`` in a temporary folder; print its figures as JSON, return them."""
+    bench = BENCHES[name]
+    module, function = bench.target.split(":")
+    fn = getattr(importlib.import_module(f"raylab.bench.{module}"), function)
+    options = options or BenchOptions()
+    with tempfile.TemporaryDirectory(prefix="raylab-bench-") as tmp:
+        options.tmp = Path(tmp)
+        result = fn(options)
+    result["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=2))
+    return result
+
+
+__all__ = ["BENCHES", "COMMAND_START", "Bench", "BenchOptions", "run"]

@@ -1,0 +1,157 @@
+"""Configs of image-shard methods and of supervised image classification.
+
+:class:`ImageDataConfig` holds what every method reading image shards shares (splits, the
+hold-out for Tune, caching); :class:`ClassificationConfig` adds a timm classifier and the
+training recipe. The defaults are ConvNeXt's ImageNet recipe (Liu et al. 2022), which a
+method's config may change (``raylab.methods.convnext.config``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from raylab import config as cfglib
+from raylab.models.timm_names import check_timm_model
+
+
+@dataclass
+class ImageDataConfig(cfglib.EpochConfig):
+    """Image shards (an ImageFolder shard folder or a CLEAR stream) split by name."""
+
+    train_split: str = "train"
+    eval_split: str = "test"
+    #: Use only the first N training rows (0 = all); for smoke tests and budgets.
+    max_train_rows: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        cfglib.require(self.max_train_rows >= 0, "max_train_rows", "an integer >= 0",
+                       self.max_train_rows)
+
+
+@dataclass
+class AugConfig:
+    """Train-time augmentation: timm's create_transform plus Mixup/CutMix (paper values)."""
+
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    interpolation: str = "bicubic"
+    #: RandomResizedCrop scale range.
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+    def validate(self) -> None:
+        for key in ("re_prob", "hflip", "mixup_prob", "switch_prob"):
+            v = getattr(self, key)
+            cfglib.require(0.0 <= v <= 1.0, f"aug.{key}", "a probability in [0, 1]", v)
+        for key in ("mixup", "cutmix", "color_jitter"):
+            v = getattr(self, key)
+            cfglib.require(v >= 0.0, f"aug.{key}", ">= 0", v)
+        cfglib.require(0.0 <= self.smoothing < 1.0, "aug.smoothing", "in [0, 1)", self.smoothing)
+        cfglib.require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+                       "aug.scale", "[lo, hi] with 0 < lo <= hi <= 1", self.scale)
+
+    def transform_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`raylab.transforms.images.build_transform` for
+        training images."""
+        return {
+            "auto_augment": self.auto_augment or None,
+            "re_prob": self.re_prob,
+            "interpolation": self.interpolation,
+            "scale": tuple(self.scale),
+            "hflip": self.hflip,
+            "color_jitter": self.color_jitter,
+        }
+
+
+@dataclass
+class ImageOptimConfig:
+    """AdamW with the linear scaling rule, cosine per iteration, warm-up (paper values)."""
+
+    #: Learning rate at ``reference_batch``; the run uses lr * global_batch / reference_batch.
+    lr: float = 4e-3
+    reference_batch: int = 4096
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    #: Global batch (all workers, after gradient accumulation).
+    batch_size: int = 128
+    epochs: int = 300
+    warmup_epochs: int = 20
+    #: Layer-wise lr decay (e.g. 0.8 for fine-tuning); null trains every layer at one lr.
+    layer_decay: float | None = None
+    #: Clip the global gradient norm; null leaves gradients alone (the paper does not clip).
+    clip_grad: float | None = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def validate(self) -> None:
+        cfglib.require(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        cfglib.require(self.min_lr >= 0, "optim.min_lr", ">= 0", self.min_lr)
+        cfglib.require(self.reference_batch >= 1, "optim.reference_batch", ">= 1",
+                       self.reference_batch)
+        cfglib.require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        cfglib.require(self.batch_size >= 1, "optim.batch_size", "an integer >= 1",
+                       self.batch_size)
+        cfglib.require(self.epochs >= 1, "optim.epochs", "an integer >= 1", self.epochs)
+        cfglib.require(0 <= self.warmup_epochs < self.epochs, "optim.warmup_epochs",
+                       f"an integer in [0, epochs={self.epochs})", self.warmup_epochs)
+        cfglib.require(self.layer_decay is None or 0 < self.layer_decay <= 1,
+                       "optim.layer_decay", "null or in (0, 1]", self.layer_decay)
+        cfglib.require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad",
+                       "null or > 0", self.clip_grad)
+        cfglib.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                       "optim.betas", "two numbers in [0, 1)", self.betas)
+
+    @property
+    def effective_lr(self) -> float:
+        """The lr of the run: ``lr`` scaled linearly from ``reference_batch`` to the global
+        batch."""
+        from raylab.optim import scale_lr
+
+        return scale_lr(self.lr, self.batch_size, self.reference_batch)
+
+
+@dataclass
+class ClassificationConfig(ImageDataConfig):
+    """A timm classifier trained on image shards with the ConvNeXt recipe's pieces."""
+
+    #: Any timm classifier name.
+    model: str = "convnext_tiny"
+    #: Training resolution; 32 for CIFAR-sized images.
+    input_size: int = 224
+    #: Stochastic depth; null picks the model's default rate (see drop_path_rate).
+    drop_path: float | None = None
+    grad_accum: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    #: What Ray Data ships to workers: augmented uint8 pixels, normalised (and randomly
+    #: erased) on the worker's device as timm's prefetcher does, or float32 with all of it
+    #: done on CPU (4x the bytes).
+    loader_dtype: Literal["uint8", "float32"] = "uint8"
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: ImageOptimConfig = field(default_factory=ImageOptimConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        cfglib.require(self.input_size >= 16, "input_size", "an integer >= 16", self.input_size)
+        cfglib.require(self.drop_path is None or 0 <= self.drop_path < 1, "drop_path",
+                       "null or in [0, 1)", self.drop_path)
+        cfglib.require(self.grad_accum >= 1, "grad_accum", "an integer >= 1", self.grad_accum)
+        cfglib.require(0 < self.ema_decay < 1, "ema_decay", "in (0, 1)", self.ema_decay)
+        check_timm_model(self.model, "model")
+
+    @property
+    def drop_path_rate(self) -> float:
+        return 0.0 if self.drop_path is None else self.drop_path
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Further ``timm.create_model`` arguments of the model (none by default)."""
+        return {}

@@ -1,0 +1,226 @@
+"""Each method's task on the engine with small, deterministic in-memory data.
+
+A scenario builds a method's real worker-side task (the code Ray Train workers run) over
+:class:`~raylab.engine.shards.InMemoryShard` data, with every source of per-process
+randomness turned off (dropout, drop-path, Mixup, random erasing), so that data-parallel
+runs can be compared with one process bit for bit, and a resumed run with an
+uninterrupted one. Used by tests/unit/test_engine_properties.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raylab import config as cfglib
+from raylab.engine.context import LocalContext
+from raylab.engine.keys import TEST
+from raylab.engine.loop import build_and_run
+from raylab.engine.shards import InMemoryShard
+
+
+@dataclass
+class Scenario:
+    """A method's config overrides, its task, its run arguments and its data."""
+
+    config_class: type
+    task: type
+    overrides: dict[str, Any]
+    run: dict[str, Any]
+    train: dict[str, torch.Tensor]
+    #: Evaluation datasets by name, and which of them only the chief reads (whole).
+    evaluate: dict[str, dict[str, torch.Tensor]]
+    whole: tuple[str, ...] = ()
+
+    def config(self, **more: Any) -> Any:
+        return cfglib.apply_overrides(self.config_class(), {**self.overrides, **more})
+
+
+def _images(n: int, size: int, classes: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (n, 3, size, size), generator=g,
+                                   dtype=torch.uint8),
+            "label": torch.randint(0, classes, (n,), generator=g)}
+
+
+def skill() -> Scenario:
+    from raylab.methods.skill import SkillConfig
+    from raylab.methods.skill.task import SkillTask
+
+    g = torch.Generator().manual_seed(0)
+    # 70 training windows: 4 global batches of 16 and a short one of 6 (3 per worker).
+    train = {"x": torch.randn(70, 30, 76, generator=g),
+             "y": torch.randint(0, 3, (70,), generator=g),
+             "trial_idx": torch.arange(70) % 5}
+    # 23 evaluation windows: not divisible by 2 workers.
+    test = {"x": torch.randn(23, 30, 76, generator=g),
+            "y": torch.randint(0, 3, (23,), generator=g),
+            "trial_idx": torch.arange(23) % 5}
+    return Scenario(SkillConfig, SkillTask, {
+        "window": 30, "model.channels": [8, 8, 8], "model.fc_dim": 16,
+        "model.dropout_conv": 0.0, "model.dropout_fc": 0.0, "optim.batch_size": 16,
+        "optim.epochs": 3, "cache_mb": 0, "shuffle_buffer": 64, "checkpoint_every": 1},
+        {"split": TEST, "eval_trial_labels": [0, 1, 2, 0, 1],
+         "checkpoint_meta": {"method": "skill"}}, train, {TEST: test})
+
+
+def convnext() -> Scenario:
+    from raylab.methods.convnext import ConvNeXtConfig
+    from raylab.tasks.classification.task import ClassificationTask
+
+    # 36 training images: 9 micro-batches of 4 rows, an odd number, so with grad_accum=2
+    # every epoch ends on a short accumulation group.
+    return Scenario(ConvNeXtConfig, ClassificationTask, {
+        "model": "convnext_atto", "input_size": 32, "drop_path": 0.0,
+        "optim.batch_size": 8, "optim.reference_batch": 8, "optim.lr": 2e-3,
+        "optim.epochs": 3, "optim.warmup_epochs": 1, "aug.mixup": 0.0, "aug.cutmix": 0.0,
+        "aug.re_prob": 0.0, "ema": True, "ema_decay": 0.9, "cache_mb": 0,
+        "shuffle_buffer": 64, "checkpoint_every": 1},
+        {"split": TEST, "num_classes": 4, "train_rows": 36,
+         "checkpoint_meta": {"method": "convnext"}},
+        _images(36, 32, 4, 1), {TEST: _images(13, 32, 4, 2)})
+
+
+def dino() -> Scenario:
+    from raylab.methods.dino import DINOConfig
+    from raylab.methods.dino.task import KNN_BANK, KNN_QUERY, DINOTask
+
+    g = torch.Generator().manual_seed(3)
+    crops = {f"crop{i}": torch.randint(0, 256, (24, 3, size, size), generator=g,
+                                       dtype=torch.uint8)
+             for i, size in enumerate((16, 16, 8))}
+    return Scenario(DINOConfig, DINOTask, {
+        "arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 8, "depth": 1,
+        "drop_path": 0.0, "out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8,
+        "n_local_crops": 1, "momentum_teacher": 0.99, "warmup_teacher_temp_epochs": 1,
+        "optim.batch_size": 8, "optim.epochs": 3, "optim.warmup_epochs": 1,
+        "eval_every": 1, "knn_k": 5, "linear_probe_epochs": 3, "cache_mb": 0,
+        "shuffle_buffer": 64, "checkpoint_every": 1},
+        {"split": TEST, "num_classes": 4, "train_rows": 24,
+         "checkpoint_meta": {"method": "dino"}},
+        crops, {KNN_BANK: _images(20, 16, 4, 4), KNN_QUERY: _images(9, 16, 4, 5)},
+        whole=(KNN_BANK, KNN_QUERY))
+
+
+SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino}
+
+
+def context(scenario: Scenario, run_dir: str | Path | None = None,
+            context_class: type[LocalContext] = LocalContext) -> LocalContext:
+    """A worker context over the scenario's data; in a process group, this rank's share
+    (the whole evaluation sets only on rank 0)."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() \
+        else (0, 1)
+    shards = {"train": InMemoryShard(scenario.train, rank, world)}
+    for name, columns in scenario.evaluate.items():
+        if name in scenario.whole:
+            if rank == 0:
+                shards[name] = InMemoryShard(columns, 0, 1, split="eval")
+        else:
+            shards[name] = InMemoryShard(columns, rank, world, split="eval")
+    return context_class(shards, run_dir=run_dir)
+
+
+def weights(task: Any) -> dict[str, torch.Tensor]:
+    """The task's checkpointed tensors (model, EMA/teacher), unwrapped, on the CPU."""
+    from raylab.engine.checkpoint import unwrap_model
+
+    out = {}
+    for key, obj in task.state_objects().items():
+        if key in ("model", "ema") and obj is not None:
+            for name, value in unwrap_model(obj).state_dict().items():
+                out[f"{key}.{name}"] = value.detach().cpu().clone()
+    return out
+
+
+def train(name: str, overrides: dict[str, Any] | None = None,
+          run_dir: str | None = None, context_class: type[LocalContext] = LocalContext
+          ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Train scenario ``name`` (in a process group: this rank's part); returns the final
+    weights and the reports. Module-level, so that :func:`tests.ddp.run_ranks` can run it."""
+    scenario = SCENARIOS[name]()
+    cfg = scenario.config(**(overrides or {}))
+    ctx = context(scenario, run_dir, context_class)
+    task = build_and_run(lambda c: scenario.task(cfg, dict(scenario.run, name=name), c),
+                         ctx, cfg.seed)
+    return weights(task), ctx.reports
+
+
+# ----------------------------------------------------------------------------- CLEAR
+
+
+class TinyNet(torch.nn.Module):
+    """A small CNN without batch norm (whose statistics would differ between 1 and 2
+    workers); the CLEAR tests' learner."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def clear_steps(strategy: str, steps: int = 6) -> dict[str, torch.Tensor]:
+    """One bucket of ``steps`` global batches of 8 rows through the CLEAR learner's step
+    (:class:`~raylab.continual.loop.BucketTrainer`); in a process group each rank takes
+    every ``world``-th row of each global batch. Returns the final weights."""
+    import torch.distributed as dist
+
+    from raylab.continual.loop import BucketTrainer
+    from raylab.continual.strategies import build_strategy
+    from raylab.engine.context import LocalContext
+    from raylab.engine.loop import seed_everything
+
+    ctx = LocalContext()
+    seed_everything(0)
+    model = ctx.prepare_model(TinyNet())
+    learner = build_strategy(strategy)
+    learner.all_reduce = ctx.all_reduce_sum if dist.is_initialized() else None
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(steps)]
+    mine = [(x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]) for x, y in batches]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = BucketTrainer(model, learner, optimizer, "cpu")
+    for batch in mine:
+        trainer.step(batch)
+    trainer.finish(lambda: iter(mine))
+    return {k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()}
+
+
+def clear_learner(stream: str, state_dir: str, strategy: str
+                  ) -> tuple[dict[str, torch.Tensor], list[list[float | None]]]:
+    """This rank's CLEAR learner through the whole tiny stream, on the engine's loop, with
+    its own stream service (every rank's service takes the same decisions from the same
+    seed). Returns the final weights and R as this rank's service recorded it."""
+    import torch.distributed as dist
+
+    from raylab.continual.rows import ImageRows, stream_rows
+    from raylab.continual.stream import StreamService, strategy_flags
+    from raylab.methods.clear import ClearConfig, make_strategy
+    from raylab.methods.clear.task import STREAM, ClearTask
+
+    class TinyClearTask(ClearTask):
+        def build_learner(self, run: dict) -> tuple[torch.nn.Module, Any]:
+            return TinyNet(), ImageRows(self.cfg.data, 16)
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cfg = cfglib.apply_overrides(ClearConfig(), {
+        "data": stream, "strategy": strategy, "optim.epochs": 2, "optim.batch_size": 8,
+        "optim.lr": 0.05, "seed": 3})
+    service = StreamService(Path(state_dir) / f"rank{rank}.json",
+                            bucket_rows=stream_rows(stream, [1, 2, 3, 4]), protocol="iid",
+                            seed=0, **strategy_flags(make_strategy(cfg), 20))
+    ctx = LocalContext(services={STREAM: service})
+    run = {"name": "clear", "split": TEST, "num_classes": 4, "input_size": 16, "buckets": 4,
+           "checkpoint_meta": {"method": "clear"}}
+    task = build_and_run(lambda c: TinyClearTask(cfg, run, c), ctx, cfg.seed)
+    return weights(task), service.metrics()["matrix"]
