@@ -113,7 +113,7 @@ def fit(
         from raylab.runtime.console import ProgressRelay
 
         relay = ProgressRelay(progress)
-        loop_config = dict(loop_config, inbox=relay.inbox)
+        loop_config = dict(loop_config, progress=relay.token)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

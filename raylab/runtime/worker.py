@@ -79,18 +79,18 @@ class RayContext(WorkerContext):
     """A Ray Train worker (or the driver process with ``--workers 0``) as the engine's
     :class:`~raylab.engine.context.WorkerContext`."""
 
-    def __init__(self, inbox: Any = None, services: dict[str, str] | None = None,
-                 storage: str | None = None) -> None:
+    def __init__(self, progress_token: str | None = None,
+                 services: dict[str, str] | None = None, storage: str | None = None) -> None:
         _quiet_report_log()
         ctx = ray.train.get_context()
         rank = ctx.get_world_rank()
         progress: Progress | None = None
         if LOCAL_RUN_DIR is not None:
             progress = LOCAL_PROGRESS
-        elif inbox is not None:
+        elif progress_token is not None:
             from raylab.runtime.console import ForwardWarnings, WorkerProgress
 
-            progress = WorkerProgress(inbox)
+            progress = WorkerProgress(progress_token)
             logging.getLogger("raylab").addHandler(ForwardWarnings(progress, rank))
         super().__init__(rank, ctx.get_world_size(), ray.train.torch.get_device(),
                          progress)
@@ -166,13 +166,13 @@ def train_function(loop_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ``loop_config``: ``task`` (the Task class), ``config_class`` and ``config`` (the
     method's config as a dict), ``runs`` (each run's task arguments: ``name``, ``split``,
     ``datasets``, ...), ``storage`` (the experiment folder or URI, where each run's final
-    model goes), ``inbox`` (the driver's progress inbox, or None) and ``services`` (service
+    model goes), ``progress`` (the driver's progress token, or None) and ``services`` (service
     name -> the name of the run's actor providing it). Returns each run's final metrics
     (rank 0's come back as the Result's ``return_value``).
     """
     cfg = from_dict(loop_config["config_class"], loop_config["config"])
     task_cls = loop_config["task"]
-    ctx = RayContext(loop_config.get("inbox"), loop_config.get("services"),
+    ctx = RayContext(loop_config.get("progress"), loop_config.get("services"),
                      loop_config.get("storage"))
     return run_all(loop_config["runs"], lambda run, c: task_cls(cfg, run, c), ctx, cfg.seed)
 
