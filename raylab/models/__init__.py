@@ -1,25 +1,35 @@
-"""Pure-torch models and model accounting (parameter and multiply-accumulate counts)."""
+"""Pure-torch models and model accounting (parameter and multiply-accumulate counts).
+
+The model classes are imported when first used (``raylab.models.SkillNet`` needs no timm,
+whose import with torchvision's takes seconds): :mod:`.skillnet`, :mod:`.dino` (DINO's
+head, multi-crop wrapper and timm backbones), :mod:`.backbones` (trained backbones as
+frozen feature extractors).
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from raylab.models.dino import (
-    DINOHead,
-    MultiCropWrapper,
-    build_backbone,
-    cancel_last_layer_grad,
-    clip_gradients,
-    cls_attention_maps,
-    last_self_attention,
-)
-from raylab.models.skillnet import SkillNet
+#: Public name -> the submodule defining it.
+_LAZY = {
+    "SkillNet": "skillnet",
+    "DINOHead": "dino", "MultiCropWrapper": "dino", "build_backbone": "dino",
+    "cancel_last_layer_grad": "dino", "clip_gradients": "dino",
+    "cls_attention_maps": "dino", "last_self_attention": "dino",
+    "load_backbone": "backbones",
+}
 
-__all__ = ["DINOHead", "MultiCropWrapper", "SkillNet", "build_backbone",
-           "cancel_last_layer_grad", "clip_gradients", "cls_attention_maps", "count_macs",
-           "count_params", "last_self_attention"]
+__all__ = ["count_macs", "count_params", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"raylab.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'raylab.models' has no attribute {name!r}")
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -44,6 +54,8 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
         input_size: Shape of one input **without** the batch dimension, e.g. ``(60, 76)``
             for a SkillNet window; a batch dimension of 1 is added.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
