@@ -138,11 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "ImageFolder (default: a fresh sample, or the CIFAR-10 subset)")
     bench.add_argument("--epochs", type=int, default=3)
     bench.add_argument("--workers", type=int, default=1, choices=[0, 1],
-                       help="train-overhead: 1 Train worker, or 0 to run the same trainer "
-                            "in-process")
+                       help="train-overhead, loso: 1 Train worker, or 0 to run the same "
+                            "trainer in-process")
     bench.add_argument("--features", default=None,
                        help="clear-table: a DINO checkpoint for the frozen-feature rows")
     bench.add_argument("--seeds", type=int, default=3, help="clear-table: seeds per cell")
+    bench.add_argument("--rounds", type=int, default=None,
+                       help="startup, loso: alternations of raylab and its baseline")
     bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="clear-table: run only these strategies' rows (into --out); "
@@ -385,7 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     bench.run(args.name, bench.BenchOptions(
         data=args.data, epochs=args.epochs, workers=args.workers, features=args.features,
-        seeds=args.seeds, out=args.out, only=args.only))
+        seeds=args.seeds, rounds=args.rounds, out=args.out, only=args.only))
     return 0
 
 

@@ -34,6 +34,8 @@ class BenchOptions:
     workers: int = 1
     features: str | None = None
     seeds: int = 3
+    #: Alternations of a benchmark and its baseline (each bench has its own default).
+    rounds: int | None = None
     out: str | None = None
     only: list[str] | None = None
     tmp: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))

@@ -337,3 +337,79 @@ def bench_scaling(opts: BenchOptions) -> dict[str, Any]:
             "plain_ddp_one_process_samples_per_s": round(plain_one, 1),
             "plain_ddp_two_processes_samples_per_s": round(plain_two, 1),
             "plain_ddp_speedup": round(plain_two / plain_one, 3)}
+
+
+def _first_step_of_raylab(shards: str, storage: Path, name: str) -> float:
+    """Seconds from starting ``raylab train skill`` (one fold, one epoch, one 1-CPU worker)
+    to its first optimizer step."""
+    import subprocess
+    import sys
+
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "raylab.cli", "train", "skill", "--data", shards,
+                    "--set", "folds=[supertrial1]", "--set", "optim.epochs=1",
+                    "--workers", "1", "--cpus-per-worker", "1", "--storage", str(storage),
+                    "--name", name], check=True, capture_output=True)
+    rows = [json.loads(x) for x in (storage / name / "supertrial1" / "metrics.jsonl").open()]
+    return rows[0]["first_step_unix_time"] - start
+
+
+def _first_step_of_bare(shards: str, storage: Path) -> float:
+    """Seconds from starting the bare Ray Train script (:mod:`raylab.bench.bare_trainer`)
+    to its first optimizer step."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "raylab.bench.bare_trainer", shards,
+                          str(storage)], check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["first_step_s"])
+
+
+def bench_startup(opts: BenchOptions) -> dict[str, Any]:
+    """Command start to first step: ``raylab train skill`` vs the same first step written
+    with Ray Train alone, each a fresh process (a fresh local Ray), alternated
+    ``--rounds`` times (default 3); medians and the difference."""
+    shards = _shards(opts.data, opts.tmp)
+    rounds = opts.rounds or 3
+    ours, bare = [], []
+    for i in range(rounds):
+        ours.append(_first_step_of_raylab(shards, opts.tmp / "runs", f"s{i}"))
+        bare.append(_first_step_of_bare(shards, opts.tmp / "bare"))
+    med_ours, med_bare = statistics.median(ours), statistics.median(bare)
+    return {"bench": "startup", "rounds": rounds,
+            "raylab_first_step_s": [round(x, 1) for x in ours],
+            "bare_trainer_first_step_s": [round(x, 1) for x in bare],
+            "raylab_median_s": round(med_ours, 1), "bare_median_s": round(med_bare, 1),
+            "added_s": round(med_ours - med_bare, 1)}
+
+
+def bench_loso(opts: BenchOptions) -> dict[str, Any]:
+    """A whole LOSO run of ``raylab train skill`` (its defaults but ``--epochs``) against
+    the plain PyTorch script :mod:`raylab.bench.plain_loso` on the same shards, each a
+    fresh process, alternated ``--rounds`` times (default 1: a run takes minutes)."""
+    import subprocess
+    import sys
+
+    shards = _shards(opts.data, opts.tmp)
+    epochs = opts.epochs
+    rounds = opts.rounds or 1
+    ours, plain, accuracy = [], [], {}
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "raylab.cli", "train", "skill", "--data", shards,
+               "--set", f"optim.epochs={epochs}", "--workers", str(opts.workers),
+               "--storage", str(opts.tmp / "runs"), "--name", f"loso{i}"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        ours.append(time.perf_counter() - t0)
+        summary = json.loads((opts.tmp / "runs" / f"loso{i}" / "summary.json").read_text())
+        accuracy["raylab"] = round(summary["mean_accuracy"], 4)
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "raylab.bench.plain_loso", shards,
+                              "--epochs", str(epochs)], check=True, capture_output=True,
+                             text=True).stdout
+        plain.append(time.perf_counter() - t0)
+        accuracy["plain"] = round(json.loads(out)["mean_accuracy"], 4)
+    med_ours, med_plain = statistics.median(ours), statistics.median(plain)
+    return {"bench": "loso", "epochs": epochs, "workers": opts.workers, "rounds": rounds,
+            "raylab_s": [round(x, 1) for x in ours], "plain_s": [round(x, 1) for x in plain],
+            "ratio": round(med_ours / med_plain, 3), "mean_accuracy": accuracy}
