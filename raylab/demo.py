@@ -14,6 +14,12 @@ from raylab import config as cfglib
 from raylab.data import jigsaws
 from raylab.data.shards import read_manifest
 from raylab.errors import DataError
+from raylab.methods.skill import SkillConfig, SkillMethod
+from raylab.runtime import tuner
+from raylab.runtime.analysis import collect, format_table, write_report
+from raylab.runtime.cluster import ensure_ray
+from raylab.runtime.options import RunOptions
+from raylab.runtime.search_space import parse_space
 
 
 def prepare_sample(out: Path) -> Path:
@@ -35,13 +41,6 @@ def prepare_sample(out: Path) -> Path:
 
 
 def run_demo(out: Path, trials: int = 4) -> None:
-    from raylab.methods.skill import SkillConfig, SkillMethod
-    from raylab.runtime import tuner
-    from raylab.runtime.analysis import collect, format_table, write_report
-    from raylab.runtime.cluster import ensure_ray
-    from raylab.runtime.options import RunOptions
-    from raylab.runtime.search_space import parse_space
-
     start = time.perf_counter()
     out = out.resolve()
     shards = prepare_sample(out)

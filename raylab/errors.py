@@ -102,6 +102,7 @@ def exception_texts(exc: BaseException) -> list[str]:
 
 def _probe_shard(path: str, deep: bool) -> str | None:
     """What is wrong with a local Parquet file now (None: nothing found)."""
+    # pyarrow here only: the CLI imports this module at start-up (`raylab --help`).
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -24,6 +24,18 @@ import torch
 
 from raylab import config as cfglib
 from raylab.bench import BenchOptions
+from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
+from raylab.continual.stream import StreamService
+from raylab.data.clear import convert_clear, is_stream, write_clear_sample
+from raylab.data.imagefolder import write_image_sample
+from raylab.engine.context import LocalContext
+from raylab.engine.keys import TEST
+from raylab.engine.loop import build_and_run
+from raylab.methods.clear import ClearConfig, load_stream
+from raylab.methods.clear.method import stream_kwargs, summarise, task_args
+from raylab.methods.clear.table import build_table, find_summaries, format_markdown, load_summaries
+from raylab.methods.clear.task import ROW_STORE, STREAM, ClearTask
+from raylab.models.backbones import load_backbone
 
 #: (Table-1 row, config overrides). Biased reservoir: each new bucket takes half of the
 #: buffer (a recency bias distinct from the plain reservoir's uniform share).
@@ -44,15 +56,11 @@ ROWS: list[dict[str, Any]] = [
 def stream_folder(data: str | None, tmp: Path) -> str:
     """A converted stream: ``data`` itself, or the synthetic drift stream (11 buckets x 400
     images) written from ``data`` or the CIFAR-10 subset."""
-    from raylab.data.clear import convert_clear, is_stream, write_clear_sample
-
     if data and is_stream(data):
         return str(Path(data).resolve())
     src = Path(data) if data else Path(os.environ.get(
         "RAYLAB_DATA", Path(__file__).parents[2] / "shared" / "data")) / "cifar10"
     if not src.is_dir():
-        from raylab.data.imagefolder import write_image_sample
-
         src = write_image_sample(tmp / "shapes", classes=10, train_per_class=300,
                                  test_per_class=100)
     write_clear_sample(src, tmp / "clear_raw", n_buckets=11, per_class_per_bucket=40, seed=0)
@@ -61,13 +69,6 @@ def stream_folder(data: str | None, tmp: Path) -> str:
 
 
 def _one_run(cfg: Any, info: Any, store: Any, out: Path, device: torch.device) -> dict:
-    from raylab.continual.stream import StreamService
-    from raylab.engine.context import LocalContext
-    from raylab.engine.keys import TEST
-    from raylab.engine.loop import build_and_run
-    from raylab.methods.clear.method import stream_kwargs, summarise, task_args
-    from raylab.methods.clear.task import ROW_STORE, STREAM, ClearTask
-
     out.mkdir(parents=True, exist_ok=True)
     state = out / "stream_state.json"
     if state.exists():
@@ -89,11 +90,6 @@ def bench_clear_table(opts: BenchOptions) -> dict[str, Any]:
     ``--only`` keeps the rows of these strategies (e.g. to redo one row into ``--out``);
     the table then covers every run found in ``--out``.
     """
-    from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
-    from raylab.methods.clear import ClearConfig, load_stream
-    from raylab.methods.clear.table import build_table, format_markdown
-    from raylab.models.backbones import load_backbone
-
     data, epochs, tmp, features = opts.data, opts.epochs, opts.tmp, opts.features
     seeds, out, only = opts.seeds, opts.out, opts.only
     stream = stream_folder(data, tmp)
@@ -129,8 +125,6 @@ def bench_clear_table(opts: BenchOptions) -> dict[str, Any]:
                           flush=True)
         result["wall_s"][kind] = round(time.perf_counter() - t0, 1)
     if only and out:
-        from raylab.methods.clear.table import find_summaries, load_summaries
-
         summaries = load_summaries(find_summaries([root]))
     table = build_table(summaries)
     result["table"] = table

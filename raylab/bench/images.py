@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -21,16 +22,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from raylab import config as cfglib
 from raylab.bench import BenchOptions
+from raylab.data.imagefolder import (
+    class_names,
+    convert_imagefolder,
+    split_paths,
+    write_image_sample,
+)
+from raylab.data.shards import iter_rows
+from raylab.methods.convnext import ConvNeXtMethod
+from raylab.methods.convnext.config import ConvNeXtConfig
+from raylab.methods.dino import DINOConfig, DINOMethod
+from raylab.metrics.knn import knn_classify, linear_probe
+from raylab.models.backbones import backbone_from_config
+from raylab.runtime.cluster import ensure_ray, limit_data_cpus
+from raylab.runtime.options import RunOptions
+from raylab.tasks.classification.data import image_dataset
+from raylab.transforms.images import DeviceNormalize, build_transform, decode_image
 
 
 def image_shards(data: str | None, tmp: Path) -> str:
     """A shard folder: ``data`` itself, ``data`` converted from an ImageFolder, or CIFAR."""
-    from raylab.data.imagefolder import convert_imagefolder, write_image_sample
-
     if data and (Path(data) / "manifest.json").is_file():
         return str(Path(data).resolve())
     src: Path
@@ -47,8 +63,6 @@ def image_shards(data: str | None, tmp: Path) -> str:
 
 
 def _config(shards: str, **overrides: Any) -> Any:
-    from raylab.methods.convnext.config import ConvNeXtConfig
-
     return cfglib.apply_overrides(ConvNeXtConfig(), {"data": shards, **overrides})
 
 
@@ -61,10 +75,6 @@ class _ShardImages(torch.utils.data.IterableDataset):
         self.paths, self.input_size, self.kwargs = paths, input_size, kwargs
 
     def __iter__(self):
-        import pyarrow.parquet as pq
-
-        from raylab.transforms.images import build_transform, decode_image
-
         transform = build_transform(True, self.input_size, **self.kwargs)
         info = torch.utils.data.get_worker_info()
         mine = self.paths[info.id::info.num_workers] if info else self.paths
@@ -78,11 +88,6 @@ class _ShardImages(torch.utils.data.IterableDataset):
 
 def bench_ingest_images(opts: BenchOptions, processes: int = 2, input_size: int = 32,
                         batch: int = 64) -> dict[str, Any]:
-    from raylab.data.imagefolder import split_paths
-    from raylab.runtime.cluster import ensure_ray, limit_data_cpus
-    from raylab.tasks.classification.data import image_dataset
-    from raylab.transforms.images import DeviceNormalize
-
     epochs = max(opts.epochs, 2)
     shards = image_shards(opts.data, opts.tmp)
     cfg = _config(shards, input_size=input_size)
@@ -123,10 +128,6 @@ CIFAR_BUDGET = {"input_size": 32, "optim.batch_size": 128, "optim.reference_batc
 
 
 def bench_convnext_cifar(opts: BenchOptions, input_size: int = 32) -> dict[str, Any]:
-    from raylab.methods.convnext import ConvNeXtMethod
-    from raylab.runtime.cluster import ensure_ray
-    from raylab.runtime.options import RunOptions
-
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     shards = image_shards(opts.data, tmp)
     ensure_ray()
@@ -162,9 +163,6 @@ DINO_BUDGET = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, 
 
 
 def _decoded(shards: str, split: str) -> tuple[list[Any], torch.Tensor]:
-    from raylab.data.shards import iter_rows
-    from raylab.transforms.images import decode_image
-
     images, labels = [], []
     for row in iter_rows(shards, columns=["image", "label", "split", "path"]):
         if row["split"] == split:
@@ -175,8 +173,6 @@ def _decoded(shards: str, split: str) -> tuple[list[Any], torch.Tensor]:
 
 @torch.no_grad()
 def _features(backbone: torch.nn.Module, images: list[Any], size: int) -> torch.Tensor:
-    from raylab.transforms.images import build_transform
-
     t = build_transform(False, size)
     backbone.eval()
     x = torch.stack([t(img) for img in images])
@@ -187,8 +183,6 @@ def _knn(backbone: torch.nn.Module, data: dict[str, Any], size: int, classes: in
          probe_epochs: int = 0) -> dict[str, float]:
     """k-NN top-1 (k=20, T=0.07, the train images as the bank) and, with ``probe_epochs``,
     the linear probe's top-1, both as the DINO method measures them."""
-    from raylab.metrics.knn import knn_classify, linear_probe
-
     bank = _features(backbone, data["train"][0], size)
     query = _features(backbone, data["test"][0], size)
     pred = knn_classify(bank, data["train"][1], query, k=20, T=0.07, num_classes=classes)
@@ -202,9 +196,6 @@ def _knn(backbone: torch.nn.Module, data: dict[str, Any], size: int, classes: in
 
 def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> dict[str, float]:
     """The same backbone + a linear head, cross-entropy, same epochs/batch, in plain torch."""
-    from raylab.models.backbones import backbone_from_config
-    from raylab.transforms.images import build_transform
-
     torch.manual_seed(cfg.seed)
     backbone = backbone_from_config(cfglib.to_dict(cfg))
     model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, classes))
@@ -235,12 +226,6 @@ def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> di
 
 def bench_dino_cifar(opts: BenchOptions) -> dict[str, Any]:
     """k-NN top-1 of DINO vs the same network at random init vs supervised, same budget."""
-    from raylab.data.imagefolder import class_names
-    from raylab.methods.dino import DINOConfig, DINOMethod
-    from raylab.models.backbones import backbone_from_config
-    from raylab.runtime.cluster import ensure_ray
-    from raylab.runtime.options import RunOptions
-
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     shards = image_shards(opts.data, tmp)
     cfg = cfglib.apply_overrides(DINOConfig(), {"data": shards, "optim.epochs": epochs,
@@ -269,12 +254,6 @@ def bench_dino_cifar(opts: BenchOptions) -> dict[str, Any]:
 
 def bench_dino_scaling(opts: BenchOptions) -> dict[str, Any]:
     """DINO images/s and step time with 1 vs 2 Train workers (same global batch)."""
-    import json
-
-    from raylab.methods.dino import DINOConfig, DINOMethod
-    from raylab.runtime.cluster import ensure_ray
-    from raylab.runtime.options import RunOptions
-
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     shards = image_shards(opts.data, tmp)
     ensure_ray()

@@ -14,24 +14,38 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from raylab import bench
 from raylab import config as cfglib
 from raylab.bench import BenchOptions
+from raylab.data import jigsaws
+from raylab.data.shards import iter_rows
+from raylab.methods.skill import SkillConfig, SkillMethod
+from raylab.methods.skill.data import channel_stats, window_dataset
+from raylab.methods.skill.task import build_model, train_step
+from raylab.runtime.cluster import ensure_ray
+from raylab.runtime.options import RunOptions
+from raylab.transforms.windows import ChannelStatsAccumulator, windows_from_trials
 
 
 def _shards(data: str | None, tmp: Path) -> str:
     if data:
         return str(Path(data).resolve())
-    from raylab.data import jigsaws
-
     jigsaws.write_sample(tmp / "raw", tasks=("Suturing",))
     jigsaws.convert_jigsaws(tmp / "raw", tmp / "shards")
     return str(tmp / "shards")
@@ -39,8 +53,6 @@ def _shards(data: str | None, tmp: Path) -> str:
 
 def _setup(shards: str, epochs: int) -> tuple[Any, Any, Any]:
     """The config, the trials and the first fold's run plan."""
-    from raylab.methods.skill import SkillConfig, SkillMethod
-
     cfg = cfglib.apply_overrides(SkillConfig(), {"data": shards, "optim.epochs": epochs,
                                                  "checkpoint_every": 1000})
     method = SkillMethod()
@@ -54,9 +66,6 @@ def _fold_trials(plan: Any) -> tuple[list[Any], list[Any]]:
 
 def _in_memory_windows(cfg: Any, trials: list[Any]) -> tuple[np.ndarray, np.ndarray, Any]:
     """The fold's training windows built on the driver, as a plain loop would have them."""
-    from raylab.data.shards import iter_rows
-    from raylab.transforms.windows import ChannelStatsAccumulator, windows_from_trials
-
     wanted = {t.name: t for t in trials}
     rows = [r for r in iter_rows(cfg.data, columns=["name", "n_frames", "kinematics"])
             if r["name"] in wanted]
@@ -84,8 +93,6 @@ def _epoch_rates(cfg: Any, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
     The step is the task's own (``raylab.methods.skill.task.train_step``), so the ratio
     measures what the platform adds around it.
     """
-    from raylab.methods.skill.task import train_step
-
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -114,8 +121,6 @@ def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: i
     Both sides run the identical per-batch work (forward, backward, AdamW, loss/accuracy
     bookkeeping), so the ratio measures what the platform adds and nothing else.
     """
-    from raylab.methods.skill.task import build_model
-
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     rates = _epoch_rates(cfg, build_model(cfg), x, y, lambda t: t)
@@ -125,11 +130,6 @@ def _plain_loop_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, threads: i
 def _ray_run(cfg: Any, data: Any, plan: Any, workers: int, storage: Path, name: str
              ) -> list[dict[str, Any]]:
     """One fold through the method's own fit (Ray Train, the engine's loop)."""
-    from dataclasses import replace
-
-    from raylab.methods.skill import SkillMethod
-    from raylab.runtime.options import RunOptions
-
     SkillMethod().fit(cfg, RunOptions(workers=workers), data, [replace(plan, name=name)],
                       str(storage))
     return [json.loads(line) for line in (storage / name / "metrics.jsonl").open()]
@@ -143,8 +143,6 @@ def _steady(rows: list[dict[str, Any]]) -> float:
 def bench_train_overhead(opts: BenchOptions) -> dict[str, Any]:
     """``--workers 1``: a 1-worker TorchTrainer; 0: the same trainer in-process, its loop
     in this process, limited to 1 thread like the baseline."""
-    from raylab.runtime.cluster import ensure_ray
-
     epochs, workers, tmp = max(opts.epochs, 2), opts.workers, opts.tmp
     cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
     train, _ = _fold_trials(plan)
@@ -174,10 +172,6 @@ class _DataLoaderWindows(torch.utils.data.IterableDataset):
         self.paths, self.assign, self.cfg, self.stats, self.batch = paths, assign, cfg, stats, batch
 
     def __iter__(self):
-        import pyarrow.parquet as pq
-
-        from raylab.transforms.windows import windows_from_trials
-
         info = torch.utils.data.get_worker_info()
         mine = self.paths[info.id::info.num_workers] if info else self.paths
         for path in mine:
@@ -202,9 +196,6 @@ class _DataLoaderWindows(torch.utils.data.IterableDataset):
 
 
 def bench_ingest(opts: BenchOptions, processes: int = 2) -> dict[str, Any]:
-    from raylab.methods.skill.data import channel_stats, window_dataset
-    from raylab.runtime.cluster import ensure_ray
-
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
     train, _ = _fold_trials(plan)
@@ -234,9 +225,6 @@ def bench_ingest(opts: BenchOptions, processes: int = 2) -> dict[str, Any]:
 
 
 def bench_latency(opts: BenchOptions, n: int = 2000) -> dict[str, Any]:
-    from raylab.methods.skill import SkillConfig
-    from raylab.methods.skill.task import build_model
-
     torch.set_num_threads(1)
     out: dict[str, Any] = {"bench": "latency", "threads": 1}
     for window in (30, 60, 90):
@@ -260,11 +248,6 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: Any, x: np.ndarray, y: np.n
               rates: Any) -> None:
     """One process of the plain DDP baseline: gloo over loopback, 1 thread, its share of
     every global batch (as Train workers take it), the same ``train_epoch`` step code."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from raylab.methods.skill.task import build_model
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -285,10 +268,6 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: Any, x: np.ndarray, y: np.n
 
 def _plain_ddp_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, world: int) -> float:
     """Steady-state samples/s of ``world`` plain torch DDP processes (no Ray at all)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:  # a free port for the gloo rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -321,8 +300,6 @@ def _plain_ddp_samples_per_s(cfg: Any, x: np.ndarray, y: np.ndarray, world: int)
 def bench_scaling(opts: BenchOptions) -> dict[str, Any]:
     """2 Train workers vs 1, next to the same comparison for plain torch DDP processes
     without Ray: the baseline says what this machine allows the model at all."""
-    from raylab.runtime.cluster import ensure_ray
-
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
     train, _ = _fold_trials(plan)
@@ -342,9 +319,6 @@ def bench_scaling(opts: BenchOptions) -> dict[str, Any]:
 def _first_step_of_raylab(shards: str, storage: Path, name: str) -> float:
     """Seconds from starting ``raylab train skill`` (one fold, one epoch, one 1-CPU worker)
     to its first optimizer step."""
-    import subprocess
-    import sys
-
     start = time.time()
     subprocess.run([sys.executable, "-m", "raylab.cli", "train", "skill", "--data", shards,
                     "--set", "folds=[supertrial1]", "--set", "optim.epochs=1",
@@ -357,9 +331,6 @@ def _first_step_of_raylab(shards: str, storage: Path, name: str) -> float:
 def _first_step_of_bare(shards: str, storage: Path) -> float:
     """Seconds from starting the bare Ray Train script (:mod:`raylab.bench.bare_trainer`)
     to its first optimizer step."""
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "raylab.bench.bare_trainer", shards,
                           str(storage)], check=True, capture_output=True, text=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["first_step_s"])
@@ -387,9 +358,6 @@ def bench_loso(opts: BenchOptions) -> dict[str, Any]:
     """A whole LOSO run of ``raylab train skill`` (its defaults but ``--epochs``) against
     the plain PyTorch script :mod:`raylab.bench.plain_loso` on the same shards, each a
     fresh process, alternated ``--rounds`` times (default 1: a run takes minutes)."""
-    import subprocess
-    import sys
-
     shards = _shards(opts.data, opts.tmp)
     epochs = opts.epochs
     rounds = opts.rounds or 1

@@ -18,6 +18,7 @@ _LOOP = ("count_correct", "evaluate", "train_bucket")
 __all__ = list(_BUFFERS + _STRATEGIES + _LOOP)
 
 
+# Submodules load on first use (see above): the stream actor imports buffers without torch.
 def __getattr__(name: str) -> Any:
     if name in _BUFFERS:
         from raylab.continual import buffers

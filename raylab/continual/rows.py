@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch import nn
 
+from raylab.data.clear import bucket_paths, read_stream_manifest
 from raylab.errors import DataError
+from raylab.transforms.images import DeviceNormalize, decode_image
 
 #: Positions within a bucket stay below this (CLEAR-100's largest bucket has ~10k rows).
 ROW_STRIDE = 10_000_000
@@ -66,8 +69,6 @@ def stream_rows(dst: str | os.PathLike, buckets: Sequence[int] | None = None,
     Raises:
         DataError: The stream or one of its shards is unreadable.
     """
-    from raylab.data.clear import bucket_paths, read_stream_manifest
-
     manifest = read_stream_manifest(dst) if manifest is None else manifest
     chosen = manifest["buckets"] if buckets is None else list(buckets)
     out = {}
@@ -83,10 +84,6 @@ def stream_rows(dst: str | os.PathLike, buckets: Sequence[int] | None = None,
 def decode_square(data: bytes, size: int, path: str) -> np.ndarray:
     """An encoded image as ``(3, size, size)`` uint8: shorter side resized to ``size``
     (bicubic), then centre-cropped, as a standard evaluation transform does."""
-    from PIL import Image
-
-    from raylab.transforms.images import decode_image
-
     image = decode_image(data, path)
     w, h = image.size
     if (w, h) != (size, size):
@@ -117,8 +114,6 @@ class ImageRows:
     def bucket(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All rows of bucket ``b`` as ``(images uint8 [N,3,S,S], labels int64 [N])``."""
         if b not in self._buckets:
-            from raylab.data.clear import bucket_paths, read_stream_manifest
-
             if self._manifest is None:
                 self._manifest = read_stream_manifest(self.dst)
             paths = bucket_paths(self.dst, b, self._manifest)
@@ -212,8 +207,6 @@ class FrozenEmbedding(nn.Module):
 
     def __init__(self, backbone: nn.Module, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        from raylab.transforms.images import DeviceNormalize
-
         self.device = torch.device(device)
         self.backbone = backbone.eval().requires_grad_(False).to(self.device)
         self.normalize = DeviceNormalize()

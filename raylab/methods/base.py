@@ -191,6 +191,8 @@ class Method:
         ``services``: service name -> the name of the actor providing it (see
         :meth:`raylab.engine.context.WorkerContext.service`).
         """
+        # Ray only here: method modules import without Ray (raylab.bench.gpu runs on GPU
+        # machines without it; `raylab assess` and `raylab clear-table` need none).
         from raylab.runtime.trainer import fit
         from raylab.runtime.worker import train_function
 

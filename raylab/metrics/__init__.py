@@ -15,6 +15,7 @@ _CONTINUAL = ("AccuracyMatrix", "clear_metrics")
 __all__ = list(_KNN) + list(_CONTINUAL)
 
 
+# Submodules load on first use (see above): the numpy-only metrics import without torch.
 def __getattr__(name: str) -> Any:
     if name in _KNN:
         from raylab.metrics import knn

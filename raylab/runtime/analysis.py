@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ray.tune import ExperimentAnalysis
+
 from raylab import config as cfglib
 from raylab.errors import ConfigError
 from raylab.runtime.tuner import load_spec
@@ -26,8 +28,6 @@ def _best(values: list[float], mode: str) -> float:
 
 def collect(experiment_dir: str | Path) -> dict[str, Any]:
     """Per-trial rows (config knobs, best/last metric, epochs, checkpoint) and histories."""
-    from ray.tune import ExperimentAnalysis
-
     experiment_dir = Path(experiment_dir).resolve()
     spec = load_spec(experiment_dir)
     metric, mode = spec["metric"], spec["mode"]
@@ -88,6 +88,7 @@ def _fmt(v: Any) -> str:
 
 def write_report(result: dict[str, Any], out: Path | None = None) -> Path:
     """Plots (metric vs each knob, learning curves), analysis.json and report.md."""
+    # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
     from raylab.plots import plot_learning_curves, plot_metric_vs_knobs
 
     out = Path(out or Path(result["experiment"]) / "analysis")

@@ -7,11 +7,13 @@ import os
 import warnings
 from pathlib import Path
 
+import ray
+import ray.data
+from ray._private import worker as ray_worker
+
 
 def quiet_ray_data() -> None:
     """Progress bars of Ray Data drown the driver's own output on small jobs."""
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -53,8 +55,6 @@ def _filter_raylet_messages() -> None:
     """Messages the raylet sends the driver are printed directly, not logged: drop the
     :data:`RAY_NOISE` among them (a wrapper around Ray's printer; left alone if this Ray
     has another layout)."""
-    from ray._private import worker as ray_worker
-
     printer = getattr(ray_worker, "print_to_stdstream", None)
     if printer is None or getattr(printer, "_raylab_filtered", False):
         return
@@ -92,8 +92,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     also copied to this process's output (Ray's default). raylab's own progress and its
     workers' warnings reach the console either way (:mod:`raylab.runtime.console`).
     """
-    import ray
-
     if not verbose:
         quiet_ray_noise()
     if ray.is_initialized():
@@ -129,16 +127,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
 
 
 def cluster_resources() -> dict[str, float]:
-    import ray
-
     return dict(ray.cluster_resources())
 
 
 def limit_data_cpus(cpus: float) -> None:
     """Cap the CPUs Ray Data may use in this process's pipelines (benchmarks compare it
     with a DataLoader of as many processes)."""
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         cpu=cpus)

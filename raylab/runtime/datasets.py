@@ -18,6 +18,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylab.data.shards import unreadable_shard
+
 
 def local_mib(paths: list[str]) -> float | None:
     """Total size of local files in MiB; None for remote storage (never materialised)."""
@@ -55,6 +60,8 @@ def local_tables(paths: list[str], columns: list[str], materialize_mb: int
 
 def dataset_from_tables(tables: list[Any], *, shuffle_files: bool) -> Any:
     """Tables from :func:`local_tables` as a Ray Dataset held in the object store."""
+    # Ray (and cluster, which imports it) inside functions: the Ray-free method modules
+    # import this one (raylab.bench.gpu runs them on GPU machines without Ray).
     import ray.data
 
     from raylab.runtime.cluster import cluster_resources
@@ -83,11 +90,6 @@ def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool) 
 
 def _read_local_shard(path: str, columns: list[str]) -> Any:
     """One local shard file's ``columns`` as a pyarrow Table, or a DataError naming it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raylab.data.shards import unreadable_shard
-
     try:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:

@@ -12,6 +12,8 @@ from ray.train.torch import TorchTrainer
 from raylab.engine.keys import TRAIN_DATASET
 from raylab.engine.progress import Progress
 from raylab.errors import RaylabError, StorageError, shard_read_error
+from raylab.runtime import worker
+from raylab.runtime.console import ProgressRelay
 from raylab.runtime.logging_callback import MetricsLogger
 from raylab.runtime.options import RunOptions, local_path
 
@@ -98,8 +100,6 @@ def fit(
     ``whole_datasets`` reach every worker whole (see :class:`ShardingConfig`);
     ``progress`` receives the chief worker's epoch lines and bar (the driver's console).
     """
-    from raylab.runtime import worker
-
     all_callbacks = list(callbacks or [])
     folder = local_path(storage, name)
     if folder is not None and options.workers > 0:
@@ -110,8 +110,6 @@ def fit(
         raise StorageError("--workers 0 runs in-process and needs local --storage")
     relay = None
     if progress is not None and not in_process:
-        from raylab.runtime.console import ProgressRelay
-
         relay = ProgressRelay(progress)
         loop_config = dict(loop_config, progress=relay.token)
     trainer = TorchTrainer(

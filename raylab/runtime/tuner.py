@@ -13,8 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
 from raylab import config as cfglib
 from raylab.errors import ConfigError, RaylabError
+from raylab.registry import get_method
+from raylab.runtime.cluster import cluster_resources, quiet_ray_data
 from raylab.runtime.options import RunOptions, local_path
 from raylab.runtime.search_space import Dimension
 
@@ -30,12 +37,6 @@ def make_trainable(method_name: str, base_config: dict[str, Any], options: dict[
     """The Tune function for one trial (closes over plain data only)."""
 
     def trial(overrides: dict[str, Any]) -> None:
-        from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from raylab.registry import get_method
-        from raylab.runtime.cluster import quiet_ray_data
-
         quiet_ray_data()
         method = get_method(method_name)
         cfg = cfglib.apply_overrides(cfglib.from_dict(method.Config, base_config), overrides)
@@ -61,12 +62,6 @@ def concurrency_cap(options: RunOptions, resources: dict[str, float]) -> int:
 
 
 def _tuner(spec: dict[str, Any], storage: str, restore: bool) -> Any:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from raylab.runtime.cluster import cluster_resources
-
     experiment = spec["experiment"]
     trainable = tune.with_resources(
         make_trainable(spec["method"], spec["base_config"], spec["options"],

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 
@@ -29,6 +30,9 @@ from raylab.engine.restore import (
     checkpoint_name,
     export_folder,
 )
+from raylab.runtime.actors import ActorProxy, get_actor
+from raylab.runtime.console import ForwardWarnings, WorkerProgress
+from raylab.runtime.logging_callback import MetricsLogger
 
 log = logging.getLogger("raylab")
 
@@ -46,7 +50,7 @@ def _quiet_report_log() -> None:
     """Ray Train V2 logs every report at INFO from a logger named by its file path, which
     ``LoggingConfig`` does not reach; raylab's own progress and metrics.jsonl say the same.
     ``RAYLAB_TRAIN_LOG_LEVEL=INFO`` brings it back (as for the rest of Train's logs)."""
-    try:
+    try:  # a private module of Ray Train V2, absent from other Ray versions
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: leave its logging alone
         return
@@ -88,8 +92,6 @@ class RayContext(WorkerContext):
         if LOCAL_RUN_DIR is not None:
             progress = LOCAL_PROGRESS
         elif progress_token is not None:
-            from raylab.runtime.console import ForwardWarnings, WorkerProgress
-
             progress = WorkerProgress(progress_token)
             logging.getLogger("raylab").addHandler(ForwardWarnings(progress, rank))
         super().__init__(rank, ctx.get_world_size(), ray.train.torch.get_device(),
@@ -103,8 +105,6 @@ class RayContext(WorkerContext):
     def service(self, name: str) -> Any:
         """The run's actor ``name`` (started by the driver; ``services`` maps the name to
         the actor's) behind a plain interface."""
-        from raylab.runtime.actors import ActorProxy, get_actor
-
         if name not in self.services:
             raise KeyError(f"no service {name!r}; this run has {sorted(self.services)}")
         return ActorProxy(get_actor(self.services[name]))
@@ -138,8 +138,6 @@ class RayContext(WorkerContext):
         target = f"{self.storage.rstrip('/')}/{run or 'run'}/model"
         if "://" not in self.storage:
             return str(export_folder(target, **checkpoint))
-        import pyarrow.fs as pafs
-
         with tempfile.TemporaryDirectory(prefix="raylab-model-") as tmp:
             save_checkpoint(Path(tmp), **checkpoint)
             filesystem, path = pafs.FileSystem.from_uri(target)
@@ -150,8 +148,6 @@ class RayContext(WorkerContext):
     @staticmethod
     def _report_in_process(run_dir: Path, metrics: dict[str, Any],
                            checkpoint: dict[str, Any] | None, name: str | None) -> None:
-        from raylab.runtime.logging_callback import MetricsLogger
-
         attached = None
         if checkpoint is not None:
             final = CheckpointFolder(run_dir, LOCAL_KEEP_CHECKPOINTS).save(name, **checkpoint)

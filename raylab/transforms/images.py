@@ -17,8 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    Mixup,
+    auto_augment,
+    create_transform,
+)
 from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
 
 from raylab.errors import ConfigError, DataError
 
@@ -43,8 +50,6 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 
 
 def _patch_timm_posterize() -> None:
-    from timm.data import auto_augment
-
     for name in ("PosterizeIncreasing", "PosterizeOriginal", "Posterize"):
         if name in auto_augment.NAME_TO_OP:
             auto_augment.NAME_TO_OP[name] = _posterize
@@ -326,8 +331,6 @@ class DeviceNormalize:
     def __init__(self, re_prob: float = 0.0, device: str | torch.device = "cpu",
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
-        from timm.data.random_erasing import RandomErasing
-
         self.mean, self.std = tuple(mean), tuple(std)
         self.erase = (RandomErasing(re_prob, mode="pixel", max_count=1, device=str(device))
                       if re_prob > 0 else None)

@@ -30,9 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from raylab import config as cfglib
 from raylab.continual.rows import stream_rows
-from raylab.continual.stream import strategy_flags
+from raylab.continual.stream import StreamProtocol, StreamService, strategy_flags
+from raylab.data.clear import bucket_paths, read_stream_manifest
 from raylab.engine.checkpoint import load_meta
 from raylab.engine.keys import RUN, TEST, VAL
 from raylab.errors import ConfigError, DataError, StorageError
@@ -59,10 +62,6 @@ class StreamInfo:
 
 def load_stream(cfg: ClearConfig) -> StreamInfo:
     """Check the stream folder and the feature checkpoint (cheap reads only)."""
-    import pyarrow.parquet as pq
-
-    from raylab.data.clear import bucket_paths, read_stream_manifest
-
     if not cfg.data:
         raise ConfigError("config key 'data': expected a CLEAR stream folder (--data DST)")
     manifest = read_stream_manifest(cfg.data)
@@ -164,8 +163,6 @@ class ClearMethod(Method):
     def eval_row_ids(self, cfg: ClearConfig, data: StreamInfo, plan: RunPlan) -> set[str]:
         """The row ids the stream's accuracy matrix is measured on (each bucket's test
         rows; a validating stream's validation rows)."""
-        from raylab.continual.stream import StreamProtocol
-
         protocol = StreamProtocol(**stream_kwargs(cfg, data, validate=plan.split == VAL))
         return {str(row) for b in data.buckets for row in protocol.test_ids(b)}
 
@@ -175,6 +172,8 @@ class ClearMethod(Method):
             ) -> list[RunResult]:
         """Start the stream actor beside the run, train, kill the actor (its state, with R,
         stays in the run folder's ``stream_state.json``)."""
+        # Imports Ray: this module must import without it (`raylab clear-table` and the
+        # in-process bench import the package; raylab.bench.gpu runs where Ray is not).
         from raylab.runtime.actors import ActorProxy, start_stream
 
         (plan,) = plans
@@ -200,8 +199,6 @@ class ClearMethod(Method):
 
     def summarise(self, cfg: ClearConfig, data: StreamInfo, results: list[RunResult]
                   ) -> dict[str, Any]:
-        from raylab.continual.stream import StreamService
-
         result = results[0]
         stream = StreamService(Path(str(result.run_dir)) / STATE_FILE).metrics()
         return summarise(cfg, data, stream, result.seconds, result.checkpoint)
@@ -243,6 +240,7 @@ def summarise(cfg: ClearConfig, info: StreamInfo, stream: dict[str, Any], second
 
 def write_report(cfg: ClearConfig, summary: dict[str, Any], folder: Path) -> None:
     """accuracy_matrix.png and report.md."""
+    # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
     from raylab.plots import plot_accuracy_matrix
 
     plot_accuracy_matrix(summary["matrix"], summary["buckets"], folder / "accuracy_matrix.png",

@@ -20,6 +20,7 @@ from raylab import config as cfglib
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
 from raylab.methods.base import Method, RunPlan, RunResult
 from raylab.methods.convnext.config import ConvNeXtConfig
+from raylab.models import count_macs, count_params
 from raylab.registry import register_method
 from raylab.runtime.options import RunOptions
 from raylab.tasks.classification.data import (
@@ -44,8 +45,6 @@ def checkpoint_meta(cfg: ConvNeXtConfig, class_names: list[str]) -> dict[str, An
 
 def model_cost(cfg: ConvNeXtConfig, num_classes: int) -> tuple[int, int]:
     """Parameters and multiply-accumulates at the training resolution."""
-    from raylab.models import count_macs, count_params
-
     model = build_model(cfg, num_classes)
     return count_params(model), count_macs(model, (3, cfg.input_size, cfg.input_size))
 
@@ -136,6 +135,7 @@ class ConvNeXtMethod(Method):
 
     def write_report(self, cfg: ConvNeXtConfig, summary: dict[str, Any], folder: Path) -> None:
         """Learning curves and report.md in the experiment folder."""
+        # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
         from raylab.plots import plot_metric_history, read_metrics
 
         rows = read_metrics(folder / RUN / "metrics.jsonl")

@@ -30,12 +30,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raylab import config as cfglib
+from raylab.data.clear import is_stream
+from raylab.data.shards import iter_rows
+from raylab.engine.checkpoint import load_meta
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
 from raylab.methods.base import Method, RunPlan, RunResult
 from raylab.methods.dino.config import DINOConfig
 from raylab.methods.dino.task import KNN_BANK, KNN_QUERY, DINOTask
+from raylab.models import count_params
 from raylab.models.backbones import backbone_from_config, load_backbone
+from raylab.models.dino import cls_attention_maps
 from raylab.registry import register_method
 from raylab.runtime.options import RunOptions
 from raylab.tasks.classification.data import (
@@ -48,6 +55,7 @@ from raylab.tasks.classification.data import (
     row_paths,
     transform_batch,
 )
+from raylab.transforms.images import build_transform, decode_image
 
 
 def crop_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None, limit: int) -> Any:
@@ -131,8 +139,6 @@ class DINOMethod(Method):
         return set(row_paths(data.eval_paths))
 
     def describe(self, cfg: DINOConfig, options: RunOptions, data: ImageData) -> None:
-        from raylab.models import count_params
-
         params = count_params(backbone_from_config(cfglib.to_dict(cfg)))
         print(f"DINO {cfg.arch} at {cfg.img_size} px ({params:,} backbone params), "
               f"2 global + {cfg.n_local_crops} local crops, lr {cfg.effective_lr:.3g} for "
@@ -140,8 +146,6 @@ class DINOMethod(Method):
 
     def summarise(self, cfg: DINOConfig, data: ImageData, results: list[RunResult]
                   ) -> dict[str, Any]:
-        from raylab.models import count_params
-
         result = results[0]
         m = result.metrics
         key = lambda name: metric_key(result.plan.split, name)  # noqa: E731
@@ -186,14 +190,8 @@ def attention_figures(checkpoint: str | Path, data: str, split: str, out: Path,
 
     ``data`` is an ImageFolder shard folder or a CLEAR stream (``split``: a bucket folder).
     """
-    import numpy as np
-
-    from raylab.data.clear import is_stream
-    from raylab.data.shards import iter_rows
-    from raylab.engine.checkpoint import load_meta
-    from raylab.models.dino import cls_attention_maps
+    # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
     from raylab.plots import plot_attention_maps
-    from raylab.transforms.images import build_transform, decode_image
 
     backbone = load_backbone(checkpoint)
     if not hasattr(backbone, "blocks"):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raylab.data import jigsaws
 from raylab.data.shards import iter_rows, read_manifest, shard_paths
@@ -131,8 +133,6 @@ class TrialWindows:
 
 def _accumulate(tables: list[Any]) -> ChannelStatsAccumulator:
     """Channel statistics of the flat ``kinematics`` column of pyarrow Tables."""
-    import pyarrow.compute as pc
-
     acc = ChannelStatsAccumulator()
     for table in tables:
         if table.num_rows:
@@ -188,9 +188,6 @@ def channel_stats(rows: TrialRows, names: set[str]) -> ChannelStats:
 
 def table_channel_stats(tables: list[Any], names: set[str]) -> ChannelStats:
     """:func:`channel_stats` over pyarrow Tables with ``name`` and flat ``kinematics``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     wanted = pa.array(sorted(names), type=pa.string())
     kept = [t.filter(pc.is_in(t["name"], value_set=wanted)) for t in tables]
     return _accumulate(kept).result()

@@ -36,6 +36,7 @@ from raylab.methods.skill.data import (
     window_dataset,
 )
 from raylab.methods.skill.task import SkillTask, vote_predictions
+from raylab.metrics.classification import ConfusionMatrix
 from raylab.registry import register_method
 from raylab.transforms.windows import ChannelStats
 
@@ -154,8 +155,6 @@ def fold_result(result: RunResult) -> dict[str, Any]:
 
 def summarise(cfg: SkillConfig, fold_results: list[dict[str, Any]]) -> dict[str, Any]:
     """Pool the folds: per-fold and mean accuracy, pooled per-class metrics, votes."""
-    from raylab.metrics.classification import ConfusionMatrix
-
     pooled = ConfusionMatrix(len(CLASS_NAMES))
     for r in fold_results:
         pooled.merge(np.asarray(r["confusion"]))
@@ -180,6 +179,7 @@ def summarise(cfg: SkillConfig, fold_results: list[dict[str, Any]]) -> dict[str,
 
 def write_report(cfg: SkillConfig, summary: dict[str, Any], folder: Path) -> None:
     """confusion.png and report.md in the experiment folder."""
+    # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
     from raylab.plots import plot_confusion
 
     pooled = summary["pooled"]

@@ -7,11 +7,19 @@ per-row transforms themselves are pure torch in :mod:`raylab.transforms.images` 
 
 from __future__ import annotations
 
+import importlib
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+
+from raylab.data import imagefolder
+from raylab.data.clear import is_stream, read_stream_manifest
+from raylab.data.shards import read_manifest, shard_paths
 from raylab.errors import ConfigError, DataError
 from raylab.runtime.datasets import read_shards
 from raylab.tasks.classification.config import ClassificationConfig, ImageDataConfig
@@ -59,9 +67,6 @@ def knn_split_name(cfg: Any) -> str:
 
 
 def _imagefolder_splits(dst: str) -> _Splits:
-    from raylab.data import imagefolder
-    from raylab.data.shards import read_manifest
-
     manifest = read_manifest(dst, expected_format=imagefolder.FORMAT)
     extra = manifest.get("extra") or {}
     counts = extra.get("counts") or {}
@@ -74,9 +79,6 @@ def _imagefolder_splits(dst: str) -> _Splits:
 
 def _stream_splits(dst: str) -> _Splits:
     """A CLEAR stream: one split per bucket, named by its shard folder (``bucket_00``)."""
-    from raylab.data.clear import read_stream_manifest
-    from raylab.data.shards import shard_paths
-
     manifest = read_stream_manifest(dst)  # checks every bucket's shard folder once
     folders = {b: manifest["bucket_dirs"][str(b)] for b in manifest["buckets"]}
     unlabeled = set(manifest["unlabeled_buckets"])
@@ -110,8 +112,6 @@ def load_image_data(cfg: Any) -> ImageData:
         DataError: The data folder is malformed, or the train split has fewer rows than
             ``optim.batch_size``.
     """
-    from raylab.data.clear import is_stream
-
     if not cfg.data:
         raise ConfigError("config key 'data': expected the image shard folder or CLEAR "
                           "stream folder (--data DST)")
@@ -172,10 +172,6 @@ def _labelled_example(splits: _Splits, avoid: str) -> str:
 
 def in_val(paths: Any, fraction: float) -> Any:
     """Deterministic hold-out by a stable hash of the path (same on every node)."""
-    import zlib
-
-    import numpy as np
-
     return np.array([(zlib.crc32(str(p).encode()) % 10_000) < fraction * 10_000 for p in paths],
                     dtype=bool)
 
@@ -197,8 +193,6 @@ class HoldOut:
 def row_paths(paths: list[str]) -> list[str]:
     """The image paths (the rows' identities) of the shard files ``paths``, in order
     (reads their ``path`` column only)."""
-    import pyarrow.parquet as pq
-
     names: list[str] = []
     for path in paths:
         names += pq.read_table(path, columns=["path"]).column("path").to_pylist()
@@ -253,8 +247,6 @@ def transform_batch(batch: dict[str, Any], kind: str = "classify", **kwargs: Any
     over every CPU node and need no actor pool; the timm transform is built once per
     worker process and cached.
     """
-    import importlib
-
     key = repr((kind, sorted(kwargs.items())))
     if key not in _TRANSFORMS:
         module, name = TRANSFORM_KINDS[kind].split(":")
