@@ -54,17 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="convert, inspect and sample datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    conv = dsub.add_parser("convert", help="raw dataset -> Parquet shards + manifest.json")
-    conv.add_argument("format", choices=["jigsaws", "imagefolder", "clear"])
-    conv.add_argument("src")
-    conv.add_argument("dst")
+    conv = dsub.add_parser(
+        "convert", help="raw dataset -> Parquet shards + manifest.json",
+        usage="raylab data convert {jigsaws,imagefolder,clear} SRC DST [options]\n"
+              "       raylab data convert coco IMAGES ANNOTATIONS.json DST [--skip-bad] "
+              "[--overwrite]")
+    conv.add_argument("format", choices=list(_CONVERT_PATHS), help="raw dataset format")
+    conv.add_argument("paths", nargs="+", metavar="PATH",
+                      help="SRC DST; for coco: IMAGES (the image folder) ANNOTATIONS.json "
+                           "(COCO instances) DST")
     conv.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (JIGSAWS)")
     conv.add_argument("--splits", default=None, metavar="A,B",
                       help="comma-separated split folders, e.g. train,test (imagefolder; "
                            "default: all)")
     conv.add_argument("--skip-bad", action="store_true",
                       help="skip and record files that are not decodable images "
-                           "(imagefolder, clear; default: fail listing them)")
+                           "(imagefolder, clear), or bad annotations and images (coco); "
+                           "default: fail listing them")
     conv.add_argument("--classes", default=None, metavar="A,B",
                       help="comma-separated class names to keep (clear; default: all)")
     conv.add_argument("--buckets", default=None, metavar="SPEC",
@@ -74,14 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("dst")
     insp.add_argument("--json", action="store_true", help="one JSON object on stdout")
     samp = dsub.add_parser("sample", help="write a small synthetic raw sample")
-    samp.add_argument("format", choices=["jigsaws", "images", "clear"])
+    samp.add_argument("format", choices=["jigsaws", "images", "clear", "detection"])
     samp.add_argument("dst")
     samp.add_argument("--seed", type=int, default=0)
-    g = samp.add_argument_group("images (synthetic ImageFolder)")
-    g.add_argument("--classes", type=int, default=None, help="number of classes (default 4)")
-    g.add_argument("--train-per-class", type=int, default=None, help="default 60")
-    g.add_argument("--test-per-class", type=int, default=None, help="default 20")
-    g.add_argument("--size", type=int, default=None, help="image side in pixels (default 32)")
+    g = samp.add_argument_group("images (synthetic ImageFolder) and detection (synthetic "
+                                "COCO instances)")
+    g.add_argument("--classes", type=int, default=None,
+                   help="number of classes (default 4; detection 3)")
+    g.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default 32; detection 128)")
+    g.add_argument("--train-per-class", type=int, default=None, help="images: default 60")
+    g.add_argument("--test-per-class", type=int, default=None, help="images: default 20")
+    g.add_argument("--images", type=int, default=None,
+                   help="detection: training images (default 64)")
+    g.add_argument("--val-images", type=int, default=None,
+                   help="detection: validation images (default a quarter of --images)")
     g = samp.add_argument_group("clear (synthetic CLEAR-style stream with drift)")
     g.add_argument("--from", dest="source", default=None, metavar="IMAGEFOLDER",
                    help="ImageFolder to draw the images from (required), e.g. "
@@ -207,7 +220,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-_IMAGE_SAMPLE_FLAGS = ("classes", "train_per_class", "test_per_class", "size")
+#: The ``data sample`` size flags and the formats that take them.
+_SAMPLE_FLAGS = {"classes": ("images", "detection"), "size": ("images", "detection"),
+                 "train_per_class": ("images",), "test_per_class": ("images",),
+                 "images": ("detection",), "val_images": ("detection",)}
+#: The positional paths each ``data convert`` format takes (the last is the output).
+_CONVERT_PATHS = {"jigsaws": ("SRC", "DST"), "imagefolder": ("SRC", "DST"),
+                  "clear": ("SRC", "DST"), "coco": ("IMAGES", "ANNOTATIONS.json", "DST")}
 
 
 def _only_for(args: argparse.Namespace, fmt: str | tuple[str, ...],
@@ -227,9 +246,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "convert":
         _only_for(args, "jigsaws", {"--tasks": args.tasks is not None})
         _only_for(args, "imagefolder", {"--splits": args.splits is not None})
-        _only_for(args, ("imagefolder", "clear"), {"--skip-bad": args.skip_bad})
+        _only_for(args, ("imagefolder", "clear", "coco"), {"--skip-bad": args.skip_bad})
         _only_for(args, "clear", {"--classes": args.classes is not None,
                                   "--buckets": args.buckets is not None})
+        expected = _CONVERT_PATHS[args.format]
+        if len(args.paths) != len(expected):
+            raise RaylabError(f"data convert {args.format}: expected {len(expected)} paths "
+                              f"({' '.join(expected)}), got {len(args.paths)}")
+        if args.format == "coco":
+            return _convert_coco(args)
+        args.src, args.dst = args.paths
         if args.format == "clear":
             summary = clear.convert_clear(args.src, args.dst, classes=args.classes,
                                           buckets=args.buckets, skip_bad=args.skip_bad,
@@ -247,9 +273,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         info = inspect_shards(args.dst)
         print(json.dumps(info, default=str) if args.json else format_inspection(info))
     elif args.data_command == "sample":
-        given = {k: getattr(args, k) for k in _IMAGE_SAMPLE_FLAGS
-                 if getattr(args, k) is not None}
-        _only_for(args, "images", {"--" + k.replace("_", "-"): True for k in given})
+        given = {k: getattr(args, k) for k in _SAMPLE_FLAGS if getattr(args, k) is not None}
+        for key in given:
+            _only_for(args, _SAMPLE_FLAGS[key], {"--" + key.replace("_", "-"): True})
         _only_for(args, "clear", {"--from": args.source is not None,
                                   "--per-class": args.per_class is not None,
                                   "--buckets": args.buckets is not None})
@@ -260,9 +286,36 @@ def cmd_data(args: argparse.Namespace) -> int:
         elif args.format == "images":
             path = imagefolder.write_image_sample(args.dst, seed=args.seed, **given)
             print(f"wrote a synthetic ImageFolder image sample to {path}")
+        elif args.format == "detection":
+            from raylab.data.detection_sample import write_detection_sample
+
+            path = write_detection_sample(args.dst, seed=args.seed, **given)
+            print(f"wrote a synthetic COCO-format detection sample to {path} (convert a "
+                  f"split: raylab data convert coco {path}/images/train "
+                  f"{path}/annotations/instances_train.json SHARDS)")
         else:
             path = jigsaws.write_sample(args.dst, seed=args.seed)
             print(f"wrote a synthetic JIGSAWS-format sample to {path}")
+    return 0
+
+
+def _convert_coco(args: argparse.Namespace) -> int:
+    from raylab.data.coco import convert_coco
+
+    images, annotations, dst = args.paths
+    manifest = convert_coco(images, annotations, dst, skip_bad=args.skip_bad,
+                            overwrite=args.overwrite)
+    extra = manifest["extra"]
+    skipped = extra["skipped"]
+    summary = {"rows": manifest["rows"], **extra["counts"],
+               "categories": len(extra["categories"]), "skipped": len(skipped),
+               "shards": len(manifest["shards"]), "dst": str(dst)}
+    print(json.dumps(summary, indent=2))
+    if skipped:
+        kinds = {k: sum(1 for s in skipped if s["kind"] == k) for k in ("image", "annotation")}
+        print(f"raylab: skipped {kinds['image']} bad image(s) and {kinds['annotation']} bad "
+              f"annotation(s), listed under extra.skipped in {Path(dst) / 'manifest.json'}",
+              file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,8 @@ Modules:
     imagefolder: ImageFolder (``<split>/<class>/<img>``) converter, split access, sample.
     clear: CLEAR stream (one shard folder per time bucket) converter and the synthetic
         drift-stream sample.
+    coco: COCO instances (detection, instance masks) converter, readers, ground-truth JSON.
+    detection_sample: the synthetic COCO-format detection sample.
     splits: cross-validation folds (LOSO, LOUO, hold-out) over trial names.
     inspect: summary of a shard folder for ``raylab data inspect``.
 """

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raylab.data import clear, imagefolder
+from raylab.data import clear, coco, imagefolder
 from raylab.data.jigsaws import SKILL_LEVELS
 from raylab.data.shards import MANIFEST, read_manifest, shard_paths, unreadable_shard
 from raylab.errors import DataError
@@ -19,8 +20,10 @@ _GROUP_COLUMN = "task"
 _LABEL_COLUMNS = ("skill", "label")
 _SMALL_COLUMNS = ("task", "split", "subject", "skill", "label", "n_frames")
 _SKIPPED_TEXT = {"no_meta": "without meta line", "missing_file": "without file",
-                 "bad_file": "bad file(s)"}
+                 "bad_file": "bad file(s)", "image": "bad image(s)",
+                 "annotation": "bad annotation(s)"}
 _MAX_LISTED_LABELS = 12
+_MAX_LISTED_PROBLEMS = 5
 
 
 def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
@@ -42,6 +45,11 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         For ``format="clear"`` (a converted stream): ``buckets`` (ids in time order),
         ``bucket_rows`` ({bucket: rows}), ``counts`` ({bucket: {class name: n}}, ``{}`` for
         an unlabeled bucket), ``class_names``, ``unlabeled_buckets``, ``bucket_shards``.
+        For ``format="coco"``: ``images`` (= rows), ``instances``,
+        ``images_without_instances``, ``counts`` ({category name: instances}, read from the
+        shards, in category-table order), ``categories``, ``mask_kinds`` ({polygon, rle,
+        uncompressed_rle}: what the source held), ``crowd``, ``skipped`` ({"image": [..],
+        "annotation": [..]} of {kind, id, file, reason}) and ``extra`` (source paths).
 
     Raises:
         DataError: The folder or manifest is invalid.
@@ -49,6 +57,8 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
     if _is_stream(dst):
         return _inspect_clear(dst)
     manifest = read_manifest(dst)
+    if manifest["format"] == coco.FORMAT:
+        return _inspect_coco(dst)
     schema = manifest["schema"]
     columns = [c for c in _SMALL_COLUMNS if c in schema]
     values: dict[str, list[Any]] = defaultdict(list)
@@ -135,6 +145,48 @@ def _inspect_imagefolder(dst: str | os.PathLike, manifest: dict[str, Any],
         "created": manifest.get("created"),
         "skipped": {"bad_file": list(extra.get("skipped", []))},
         "extra": shown,
+    }
+
+
+def _inspect_coco(dst: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a coco shard folder: instances per category, mask kinds, crowd, skipped."""
+    manifest = coco.coco_manifest(dst)
+    extra = manifest["extra"]
+    names = {c["id"]: c["name"] for c in extra["categories"]}
+    found: Counter = Counter()
+    crowd = without = 0
+    for shard in manifest["shards"]:
+        table = _read_columns(os.path.join(dst, shard["file"]), ["category_ids", "iscrowd"])
+        ids = table.column("category_ids")
+        for entry in pc.value_counts(pc.list_flatten(ids)).to_pylist():
+            found[entry["values"]] += entry["counts"]
+        crowd += int(pc.sum(pc.list_flatten(table.column("iscrowd"))).as_py() or 0)
+        without += int(pc.sum(pc.equal(pc.list_value_length(ids), 0)).as_py() or 0)
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(f"shards hold category id(s) {', '.join(map(str, unknown))} that "
+                        '"extra.categories" does not list', path=Path(dst) / MANIFEST)
+    skipped = list(extra.get("skipped", []))
+    kinds = (extra.get("counts") or {}).get("mask_kinds", {})
+    return {
+        "format": manifest["format"],
+        "rows": manifest["rows"],
+        "frames": None,
+        "images": manifest["rows"],
+        "instances": sum(found.values()),
+        "images_without_instances": without,
+        "counts": {name: found[i] for i, name in names.items()},
+        "categories": extra["categories"],
+        "mask_kinds": {k: kinds.get(k, 0) for k in coco.MASK_KINDS},
+        "crowd": crowd,
+        "subjects": {},
+        "schema": manifest["schema"],
+        "shards": len(manifest["shards"]),
+        "path": os.path.abspath(os.fspath(dst)),
+        "created": manifest.get("created"),
+        "skipped": {kind: [e for e in skipped if e.get("kind") == kind]
+                    for kind in ("image", "annotation")},
+        "extra": {k: extra[k] for k in ("source_json", "images_dir") if k in extra},
     }
 
 
@@ -228,8 +280,10 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info.get("class_names") is not None:
         lines.append(f"classes: {len(info['class_names'])} ({_listing(info['class_names'])})")
     is_stream = info["format"] == clear.FORMAT
+    is_coco = info["format"] == coco.FORMAT
     lines += _clear_lines(info) if is_stream else []
-    for group, counts in ({} if is_stream else info.get("counts", {})).items():
+    lines += _coco_lines(info) if is_coco else []
+    for group, counts in ({} if is_stream or is_coco else info.get("counts", {})).items():
         subjects = "".join(info.get("subjects", {}).get(group, []))
         tail = f"  subjects {subjects}" if subjects else ""
         n_shards = info.get("split_shards", {}).get(group)
@@ -241,6 +295,11 @@ def format_inspection(info: dict[str, Any]) -> str:
             text = _SKIPPED_TEXT.get(key, key)
             if key == "bad_file":
                 named = _listing([f"{e['path']} ({e['reason']})" for e in entries])
+            elif key in ("image", "annotation"):
+                named = "; ".join(coco.describe_problem(e)
+                                  for e in entries[:_MAX_LISTED_PROBLEMS])
+                rest = len(entries) - _MAX_LISTED_PROBLEMS
+                named += f"; ... and {rest} more" if rest > 0 else ""
             else:
                 named = ", ".join(entries)
             lines.append(f"skipped {len(entries)} {text}: {named}")
@@ -258,6 +317,23 @@ def _clear_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"  bucket {bucket:<9} {info['bucket_rows'][key]:>5} rows in "
                      f"{info['bucket_shards'][key]} shard(s) ({what})")
     return lines
+
+
+def _coco_lines(info: dict[str, Any]) -> list[str]:
+    """Images, instances per category (most frequent first), mask kinds and crowd."""
+    counts = info["counts"]
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    shown = [f"{name}={n}" for name, n in ranked[:_MAX_LISTED_LABELS] if n]
+    rest = sum(1 for _, n in ranked[_MAX_LISTED_LABELS:] if n)
+    more = f", ... and {rest} more" if rest else ""
+    used = sum(1 for n in counts.values() if n)
+    kinds = ", ".join(f"{k}={n}" for k, n in info["mask_kinds"].items())
+    return [
+        f"images:  {info['images']} ({info['images_without_instances']} without instances)",
+        f"instances: {info['instances']} in {used} of {len(counts)} categories"
+        + (f" ({', '.join(shown)}{more})" if shown else ""),
+        f"masks:   {kinds} (in the source); crowd {info['crowd']}",
+    ]
 
 
 def _per_label(counts: dict[str, int]) -> str:

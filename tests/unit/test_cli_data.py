@@ -128,7 +128,7 @@ def test_clear_cli_errors(tmp_path: Path, capsys) -> None:
     assert main(["data", "convert", "imagefolder", str(raw), dst, "--classes", "a"]) == 2
     _one_error_line(capsys, "--classes: only for clear, not imagefolder")
     assert main(["data", "convert", "jigsaws", str(raw), dst, "--skip-bad"]) == 2
-    _one_error_line(capsys, "--skip-bad: only for imagefolder or clear, not jigsaws")
+    _one_error_line(capsys, "--skip-bad: only for imagefolder or clear or coco, not jigsaws")
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     _one_error_line(capsys, "shard folder not found")
     assert not Path(dst).exists()
