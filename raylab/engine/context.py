@@ -89,6 +89,24 @@ class WorkerContext:
         """Whether ``flag`` is set on any worker (a collective: every worker calls it)."""
         return bool(self.all_reduce(torch.tensor([float(flag)]), "max").item())
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every worker's ``obj`` (picklable), in rank order, on every worker; ``[obj]``
+        when alone. For results that do not sum, e.g. detections that one worker scores
+        with COCOeval."""
+        if not distributed():
+            return [obj]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Worker ``src``'s ``obj`` on every worker (the others pass anything, e.g. None)."""
+        if not distributed():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def barrier(self) -> None:
         """Wait until every worker got here (a collective, so it also orders their steps)."""
         if distributed():

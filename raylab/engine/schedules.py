@@ -9,6 +9,7 @@ its teacher momentum 0.996 -> 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral
 
 import numpy as np
@@ -69,6 +70,53 @@ def cosine_schedule(
     steps = np.arange(n, dtype=np.float64)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * steps / max(n, 1)))
     return np.concatenate((warmup, cosine)).astype(np.float64)
+
+
+def step_schedule(
+    base: float,
+    epochs: int,
+    iters_per_epoch: int,
+    milestones: Sequence[float] = (0.889, 0.963),
+    gamma: float = 0.1,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+) -> np.ndarray:
+    """One value per training iteration: linear warm-up, then ``base`` multiplied by
+    ``gamma`` at each milestone (the detection recipes' schedule; ViTDet decays at 88.9 %
+    and 96.3 % of its 100 epochs).
+
+    Value ``i`` is ``base * gamma ** (number of milestones <= i / total)``, times
+    ``warmup_factor + (1 - warmup_factor) * i / warmup_iters`` while ``i < warmup_iters``.
+
+    Args:
+        base: The value after warm-up.
+        epochs, iters_per_epoch: The run's length (each >= 1).
+        milestones: Fractions of the run in (0, 1], increasing.
+        gamma: The factor at each milestone, in (0, 1].
+        warmup_iters: Warm-up iterations (capped at the run's length).
+        warmup_factor: The first warm-up value as a fraction of ``base``.
+
+    Raises:
+        ValueError: A bad count, milestone or factor.
+    """
+    _check_count("epochs", epochs, 1)
+    _check_count("iters_per_epoch", iters_per_epoch, 1)
+    _check_count("warmup_iters", warmup_iters, 0)
+    if list(milestones) != sorted(milestones) or any(not 0 < m <= 1 for m in milestones):
+        raise ValueError(f"milestones must be increasing fractions in (0, 1], got "
+                         f"{list(milestones)}")
+    if not 0 < gamma <= 1 or not 0 <= warmup_factor <= 1 or not math.isfinite(base):
+        raise ValueError(f"need 0 < gamma <= 1, 0 <= warmup_factor <= 1 and a finite base; "
+                         f"got {gamma!r}, {warmup_factor!r}, {base!r}")
+    total = int(epochs) * int(iters_per_epoch)
+    progress = np.arange(total, dtype=np.float64) / total
+    decays = (progress[:, None] >= np.asarray(milestones, dtype=np.float64)[None, :]).sum(1)
+    values = base * gamma ** decays.astype(np.float64)
+    warm = min(int(warmup_iters), total)
+    if warm:
+        ramp = np.arange(warm, dtype=np.float64) / warm
+        values[:warm] *= warmup_factor + (1.0 - warmup_factor) * ramp
+    return values
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

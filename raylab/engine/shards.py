@@ -18,10 +18,22 @@ from raylab.engine.batching import shuffle_seed
 Batch = dict[str, torch.Tensor]
 
 
+#: Turns a batch of numpy columns into what the task steps on. Rows of different sizes
+#: (a detection image's boxes and masks) cannot become one tensor per column; a task
+#: with such rows passes its own (e.g. keeping them as per-row arrays).
+Collate = Callable[[dict[str, Any]], Any]
+
+
 class Shard(Protocol):
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
                            local_shuffle_buffer_size: int | None = None,
-                           local_shuffle_seed: int | None = None) -> Any: ...
+                           local_shuffle_seed: int | None = None,
+                           collate_fn: Collate | None = None) -> Any: ...
+
+
+def _collate_kwargs(collate_fn: Collate | None) -> dict[str, Any]:
+    """Pass ``collate_fn`` only when set: a shard written before it existed still works."""
+    return {} if collate_fn is None else {"collate_fn": collate_fn}
 
 
 #: ``agree(flag) -> bool``: whether any worker's flag is set (an all-reduce); see
@@ -43,11 +55,14 @@ class EpochBatches:
             (0: stream every epoch). Only for rows that do not change between epochs.
         agree: How the workers sharing the dataset agree on caching it (see
             :meth:`raylab.engine.context.WorkerContext.any_worker`).
+        collate_fn: Builds each batch from numpy columns (see :data:`Collate`); None:
+            one tensor per column. Batches it builds are never cached.
     """
 
     def __init__(self, shard: Shard, batch_size: int, *, seed: int, rank: int,
                  shuffle_buffer: int = 0, drop_last: bool = False,
-                 cache_bytes: int = 0, agree: Agree = None) -> None:
+                 cache_bytes: int = 0, agree: Agree = None,
+                 collate_fn: Collate | None = None) -> None:
         self.shard = shard
         self.batch_size = batch_size
         self.seed = seed
@@ -55,7 +70,8 @@ class EpochBatches:
         self.shuffle_buffer = shuffle_buffer
         self.drop_last = drop_last
         self.agree = agree
-        self.cache = BatchCache(cache_bytes) if cache_bytes else None
+        self.collate_fn = collate_fn
+        self.cache = BatchCache(cache_bytes) if cache_bytes and collate_fn is None else None
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         seed = shuffle_seed(self.seed, epoch, self.rank)
@@ -64,7 +80,7 @@ class EpochBatches:
             return self.shard.iter_torch_batches(
                 batch_size=self.batch_size, drop_last=self.drop_last,
                 local_shuffle_buffer_size=self.shuffle_buffer or None,
-                local_shuffle_seed=seed)
+                local_shuffle_seed=seed, **_collate_kwargs(self.collate_fn))
 
         if self.cache is None:
             return iter(stream())
@@ -82,15 +98,17 @@ class EvalBatches:
     """
 
     def __init__(self, shard: Shard, batch_size: int = 256, cache_bytes: int = 0,
-                 agree: Agree = None) -> None:
+                 agree: Agree = None, collate_fn: Collate | None = None) -> None:
         self.shard = shard
         self.batch_size = batch_size
         self.agree = agree
-        self.cache = BatchCache(cache_bytes) if cache_bytes else None
+        self.collate_fn = collate_fn
+        self.cache = BatchCache(cache_bytes) if cache_bytes and collate_fn is None else None
 
     def __call__(self) -> Iterator[Batch]:
         def stream() -> Any:
-            return self.shard.iter_torch_batches(batch_size=self.batch_size)
+            return self.shard.iter_torch_batches(batch_size=self.batch_size,
+                                                 **_collate_kwargs(self.collate_fn))
 
         if self.cache is None:
             return iter(stream())
@@ -126,8 +144,17 @@ class InMemoryShard:
 
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
                            local_shuffle_buffer_size: int | None = None,
-                           local_shuffle_seed: int | None = None, **_: Any
-                           ) -> Iterator[Batch]:
+                           local_shuffle_seed: int | None = None,
+                           collate_fn: Collate | None = None, **_: Any) -> Iterator[Any]:
+        batches = self._batches(batch_size, drop_last, local_shuffle_buffer_size,
+                                local_shuffle_seed)
+        if collate_fn is None:
+            return batches
+        # As Ray Data: the collate function receives numpy columns.
+        return (collate_fn({k: _numpy(v) for k, v in b.items()}) for b in batches)
+
+    def _batches(self, batch_size: int, drop_last: bool, local_shuffle_buffer_size: int | None,
+                 local_shuffle_seed: int | None) -> Iterator[Batch]:
         if self.shuffle and local_shuffle_buffer_size and local_shuffle_seed is not None:
             epoch_seed = local_shuffle_seed - self.rank  # the same permutation on every rank
             g = torch.Generator().manual_seed(epoch_seed)
@@ -138,10 +165,20 @@ class InMemoryShard:
             mine = order[self.rank::self.world_size]
             for start in range(0, len(mine), batch_size):
                 idx = mine[start:start + batch_size]
-                yield {k: v[idx] for k, v in self.columns.items()}
+                yield {k: _take(v, idx) for k, v in self.columns.items()}
             return
         global_batch = batch_size * self.world_size
         stop = self.rows - self.rows % global_batch if drop_last else self.rows
         for start in range(0, stop, global_batch):
             idx = order[start:start + global_batch][self.rank::self.world_size]
-            yield {k: v[idx] for k, v in self.columns.items()}
+            yield {k: _take(v, idx) for k, v in self.columns.items()}
+
+
+def _take(column: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a tensor or of a numpy array (e.g. an object array of per-row
+    arrays, which no tensor holds)."""
+    return column[idx] if isinstance(column, torch.Tensor) else column[idx.numpy()]
+
+
+def _numpy(column: Any) -> Any:
+    return column.numpy() if isinstance(column, torch.Tensor) else column

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.engine.schedules import cosine_schedule, set_lr, set_weight_decay
+from raylab.engine.schedules import cosine_schedule, set_lr, set_weight_decay, step_schedule
 
 
 def test_cosine_without_warmup_by_hand():
@@ -85,3 +85,26 @@ def test_set_weight_decay_only_on_decayed_groups():
     set_weight_decay(opt, 0.0)  # a schedule passing through 0 ...
     set_weight_decay(opt, 0.1)  # ... does not lose the decayed groups
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1]
+
+
+def test_step_schedule_decays_at_the_milestones_by_hand() -> None:
+    # 10 epochs x 10 iterations: decays at iterations 50 (0.5) and 80 (0.8).
+    values = step_schedule(1.0, 10, 10, milestones=(0.5, 0.8), gamma=0.1)
+    assert len(values) == 100
+    assert values[0] == values[49] == 1.0
+    assert values[50] == values[79] == pytest.approx(0.1)
+    assert values[80] == values[99] == pytest.approx(0.01)
+
+
+def test_step_schedule_warm_up_ramps_linearly_from_the_factor() -> None:
+    values = step_schedule(2.0, 1, 100, milestones=(), warmup_iters=10, warmup_factor=0.001)
+    assert values[0] == pytest.approx(0.002)  # 2.0 * 0.001
+    assert values[5] == pytest.approx(2.0 * (0.001 + 0.999 * 0.5))
+    assert values[10] == values[99] == 2.0
+
+
+@pytest.mark.parametrize("kwargs", [{"milestones": (0.8, 0.5)}, {"milestones": (1.5,)},
+                                    {"gamma": 0.0}, {"warmup_factor": 2.0}])
+def test_step_schedule_rejects_bad_settings(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        step_schedule(1.0, 2, 3, **kwargs)
