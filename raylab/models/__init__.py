@@ -21,6 +21,8 @@ _LAZY = {
     "cancel_last_layer_grad": "dino", "clip_gradients": "dino",
     "cls_attention_maps": "dino", "last_self_attention": "dino",
     "load_backbone": "backbones",
+    "ViTDet": "vitdet", "load_vitdet_weights": "vitdet",
+    "DetectorConfig": "detection", "build_detector": "detection",
 }
 
 __all__ = ["count_macs", "count_params", *_LAZY]

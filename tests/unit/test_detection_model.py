@@ -1,0 +1,176 @@
+"""Mask R-CNN around ViTDet or a timm CNN + FPN: losses, backward, eval outputs at the input
+size, no resizing, heads, anchors, layer decay, frozen backbones (tiny models, 64 px)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from raylab.errors import ConfigError
+from raylab.models.detection import DetectorConfig, build_detector
+from raylab.models.vitdet import ViTDet
+from raylab.optim.param_groups import param_groups
+
+LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+#: Few proposals and RoIs, and 32 channels instead of 256 in the pyramid and heads, so that
+#: a training step takes a fraction of a second on a CPU.
+SMALL = dict(num_classes=3, image_size=64, channels=32, rpn_proposals_train=32,
+             rpn_proposals_test=16, roi_batch_size=8, detections_per_image=5, drop_path=0.0)
+TINY_VIT = dict(backbone="vitdet", model="vit_tiny_patch16_224", window_size=2,
+                global_blocks=[1], pretrain_img_size=64,
+                model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
+
+
+@pytest.fixture(autouse=True)
+def _no_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN builds a kernel per new convolution shape (~25 ms each on a small CPU); the
+    plain kernels are far faster for these tiny models."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+
+
+def _targets(size: int = 64) -> list[dict[str, torch.Tensor]]:
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [20.0, 10.0, 60.0, 30.0]])
+    masks = torch.zeros(2, size, size, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist()):
+        m[y0:y1, x0:x1] = 1
+    return [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks} for _ in range(2)]
+
+
+def _train_and_eval(model: MaskRCNN) -> None:
+    torch.manual_seed(0)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    model.train()
+    losses = model(images, _targets())
+    assert set(losses) == LOSSES
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2
+    for det in out:
+        n = det["boxes"].shape[0]
+        assert n <= 5 and det["boxes"].shape == (n, 4)
+        assert det["labels"].shape == det["scores"].shape == (n,)
+        assert det["masks"].shape == (n, 1, 64, 64)
+
+
+def test_vitdet_mask_rcnn_trains_and_predicts() -> None:
+    torch.manual_seed(0)
+    model = build_detector(**SMALL, **TINY_VIT)
+    assert isinstance(model, MaskRCNN) and isinstance(model.backbone, ViTDet)
+    assert model.roi_heads.box_roi_pool.featmap_names == ["p2", "p3", "p4", "p5"]
+    _train_and_eval(model)
+
+
+def test_cnn_mask_rcnn_trains_and_predicts() -> None:
+    torch.manual_seed(0)
+    model = build_detector(**SMALL, backbone="cnn", model="resnet18", heads="torchvision")
+    assert model.backbone.out_channels == 32
+    assert model.backbone.body.feature_info.reduction() == [2, 4, 8, 16, 32]
+    with torch.no_grad():
+        feats = model.backbone(torch.zeros(1, 3, 64, 64))
+    assert {k: v.shape[-1] for k, v in feats.items()} == {"p2": 16, "p3": 8, "p4": 4, "p5": 2,
+                                                          "p6": 1}
+    _train_and_eval(model)
+
+
+def test_single_level_detector_without_pyramid() -> None:
+    torch.manual_seed(0)
+    model = build_detector(**SMALL, **TINY_VIT, pyramid="none", heads="torchvision")
+    assert model.rpn.anchor_generator.sizes == ((2, 4, 8, 16, 32),)
+    assert model.rpn.head.cls_logits.out_channels == 15  # 5 sizes x 3 aspect ratios
+    model.train()
+    losses = model([torch.rand(3, 64, 64) for _ in range(2)], _targets())
+    assert set(losses) == LOSSES and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_transform_normalises_and_never_resizes() -> None:
+    model = build_detector(**SMALL, **TINY_VIT).eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 40)]
+    batch, _ = model.transform(images)
+    assert batch.image_sizes == [(64, 64), (48, 40)]
+    assert batch.tensors.shape == (2, 3, 64, 64)  # padded to a multiple of 32
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(batch.tensors[0], (images[0] - mean) / std)
+    torch.testing.assert_close(batch.tensors[1, :, :48, :40], (images[1] - mean) / std)
+    assert model.transform.min_size == (64,) and model.transform.max_size == 64
+
+
+def test_heads() -> None:
+    vitdet = build_detector(**{**SMALL, "channels": 256}, **TINY_VIT)
+    assert vitdet.backbone.out_channels == 256
+    box_head = vitdet.roi_heads.box_head
+    assert isinstance(box_head, FastRCNNConvFCHead)
+    convs = [m for m in box_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    fcs = [m for m in box_head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [c.out_channels for c in convs] == [256] * 4
+    assert len(fcs) == 1 and fcs[0].out_features == 1024
+    norms = {type(m).__name__ for m in box_head.modules()} & {"LayerNorm2d", "BatchNorm2d"}
+    assert norms == {"LayerNorm2d"} and all(c.bias is None for c in convs)
+    assert len(vitdet.rpn.head.conv) == 2
+    mask_norms = [m for m in vitdet.roi_heads.mask_head.modules()
+                  if type(m).__name__ == "LayerNorm2d"]
+    assert len(mask_norms) == 4
+
+    plain = build_detector(**SMALL, **TINY_VIT, heads="torchvision")
+    assert isinstance(plain.roi_heads.box_head, TwoMLPHead) and len(plain.rpn.head.conv) == 1
+
+
+def test_anchor_sizes() -> None:
+    assert DetectorConfig().anchors(5) == ((32,), (64,), (128,), (256,), (512,))
+    assert DetectorConfig(image_size=256).anchors(5) == ((8,), (16,), (32,), (64,), (128,))
+    assert DetectorConfig(image_size=2048).anchors(5)[0] == (32,)
+    assert DetectorConfig(anchor_sizes=[16, 32, 64, 128, 256]).anchors(1) == (
+        (16, 32, 64, 128, 256),)
+    with pytest.raises(ConfigError, match="one size per pyramid level"):
+        DetectorConfig(anchor_sizes=[16, 32]).anchors(5)
+
+
+def test_layer_decay_over_the_whole_detector() -> None:
+    model = build_detector(**SMALL, **TINY_VIT)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scales = {}
+    for group in param_groups(model, 0.1, layer_decay=0.7):
+        for p in group["params"]:
+            scales[names[id(p)]] = group["lr_scale"]
+    depth = 2
+    assert scales["backbone.patch_embed.proj.weight"] == pytest.approx(0.7 ** (depth + 1))
+    assert scales["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(0.7 ** depth)
+    assert scales["backbone.blocks.1.rel_pos_h"] == pytest.approx(0.7)
+    assert scales["backbone.pyramid.stages.0.1.0.weight"] == 1.0
+    assert scales["roi_heads.box_predictor.cls_score.weight"] == 1.0
+    assert scales["rpn.head.cls_logits.weight"] == 1.0
+    assert len(scales) == len(names)
+
+
+def test_frozen_backbones() -> None:
+    vitdet = build_detector(**SMALL, **TINY_VIT, freeze_backbone=True)
+    frozen = {n for n, p in vitdet.backbone.named_parameters() if not p.requires_grad}
+    assert frozen == set(vitdet.backbone.trunk_parameter_names())
+    assert "blocks.0.attn.qkv.weight" in frozen and "pos_embed" in frozen
+    assert vitdet.backbone.blocks[0].rel_pos_h.requires_grad
+
+    cnn = build_detector(**SMALL, backbone="cnn", model="resnet18", freeze_backbone=True)
+    assert not any(p.requires_grad for p in cnn.backbone.body.parameters())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in cnn.backbone.body.modules())
+    assert all(p.requires_grad for p in cnn.backbone.fpn.parameters())
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown detector config keys"):
+        build_detector(no_such_key=1)
+    with pytest.raises(ConfigError, match="backbone must be"):
+        build_detector(backbone="swin")
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        build_detector(**{**SMALL, "image_size": 100})
+    with pytest.raises(ConfigError, match="not a timm model"):
+        build_detector(model="vit_no_such_model")
+    with pytest.raises(ConfigError, match="cnn backbone has none"):
+        build_detector(backbone="cnn", model="resnet18", backbone_checkpoint="runs/dino")
