@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("experiment")
     analyze.add_argument("--json", action="store_true")
 
+    predict = sub.add_parser("predict", help="a trained model on images: results + pictures")
+    predict.add_argument("method", choices=["detection"])
+    predict.add_argument("images", help="an image file or a folder of images")
+    predict.add_argument("out", help="folder for detections.json, images.json, pictures/")
+    predict.add_argument("--checkpoint", required=True,
+                         help="a run's model folder (<experiment>/run/model) or checkpoint")
+    predict.add_argument("--min-score", type=float, default=0.5,
+                         help="draw detections from this score up (all are in the JSON)")
+
     table = sub.add_parser("clear-table", help="the CLEAR paper's Table 1 from finished runs")
     table.add_argument("experiments", nargs="+",
                        help="CLEAR run folders, or folders holding them")
@@ -161,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="clear-table: run only these strategies' rows (into --out); "
-                            "gpu-steps: convnext or dino")
+                            "gpu-steps: convnext or dino; detection-sample: vitdet or cnn")
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
     demo.add_argument("--out", default="demo_output")
@@ -435,6 +444,14 @@ def cmd_assess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from raylab.tasks.detection.predict import predict_folder
+
+    done = predict_folder(args.checkpoint, args.images, args.out, min_score=args.min_score)
+    print(f"{done['detections']} detections on {done['images']} images -> {done['out']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from raylab import bench
 
@@ -453,7 +470,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"methods": cmd_methods, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
             "analyze": cmd_analyze, "clear-table": cmd_clear_table, "assess": cmd_assess,
-            "bench": cmd_bench, "demo": cmd_demo}
+            "predict": cmd_predict, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def find_raylab_error(exc: BaseException) -> RaylabError | None:

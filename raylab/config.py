@@ -111,6 +111,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             item_tp = args[0] if args else Any
             items = [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
             return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_tp, value_tp = (get_args(tp) or (Any, Any))
+            return {_coerce(f"{key}.{k}", k, key_tp): _coerce(f"{key}.{k}", v, value_tp)
+                    for k, v in value.items()}
     elif tp is bool:
         if isinstance(value, bool):
             return value

@@ -58,6 +58,17 @@ def tiny_clear_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "stream"
 
 
+@pytest.fixture(scope="session")
+def detection_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SYNTHETIC detection sample (coloured shapes with exact masks, 3 classes, 96 px):
+    48 training and 12 validation images, each split converted to coco shards."""
+    from raylab.data.detection_sample import convert_sample, write_detection_sample
+
+    root = tmp_path_factory.mktemp("detection_sample")
+    write_detection_sample(root / "raw", images=48, val_images=12, size=96, classes=3)
+    return convert_sample(root / "raw", root / "shards")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_ray_left_for_plain_tests(request: pytest.FixtureRequest) -> None:
     """Tests without the ``ray`` mark run with no Ray connected: a cluster left up by the

@@ -105,7 +105,62 @@ def dino() -> Scenario:
         whole=(KNN_BANK, KNN_QUERY))
 
 
-SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino}
+def _detection_rows(split: str, transform: Any, evaluation: bool) -> dict[str, Any]:
+    """A synthetic detection split as the Ray Data pipeline delivers it (numpy columns,
+    per-row boxes and masks as object arrays), jittered once with a fixed seed."""
+    import tempfile
+
+    import numpy as np
+
+    from raylab.data.detection_sample import convert_sample, write_detection_sample
+    from raylab.data.shards import iter_rows
+    from raylab.tasks.detection.data import COLUMNS, eval_batch
+    from raylab.transforms.detection_batch import contiguous_label_map, detection_batch_transform
+
+    global _DETECTION_SAMPLE
+    if _DETECTION_SAMPLE is None:
+        import atexit
+        import shutil
+
+        root = Path(tempfile.mkdtemp(prefix="raylab-detection-scenario-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        write_detection_sample(root / "raw", images=12, val_images=5, size=64, classes=2)
+        _DETECTION_SAMPLE = convert_sample(root / "raw", root / "shards")
+    rows = list(iter_rows(_DETECTION_SAMPLE / split, columns=COLUMNS))
+    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
+    for k in ("image_id", "width", "height"):
+        batch[k] = batch[k].astype(np.int64)
+    labels = contiguous_label_map([1, 2])
+    if evaluation:
+        return eval_batch(batch, transform, labels)
+    return detection_batch_transform(batch, transform, label_map=labels, seed=0)
+
+
+_DETECTION_SAMPLE: Path | None = None
+
+
+def detection() -> Scenario:
+    from raylab.tasks.detection.config import DetectionConfig
+    from raylab.tasks.detection.task import DetectionTask
+    from raylab.transforms.detection import ResizePad, ScaleJitter
+
+    # 12 training images: 3 global batches of 4; 5 evaluation images (odd for 2 workers).
+    return Scenario(DetectionConfig, DetectionTask, {
+        "backbone": "vitdet", "model": "vit_tiny_patch16_224", "image_size": 64,
+        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+        "window_size": 4, "global_blocks": [1], "channels": 16, "drop_path": 0.0,
+        "roi_batch_size": 64, "rpn_proposals_train": 100, "rpn_proposals_test": 50,
+        "optim.batch_size": 4, "optim.epochs": 3, "optim.warmup_iters": 2,
+        "optim.reference_batch": 4, "optim.lr": 1e-3, "eval_every": 1, "eval_batch": 2,
+        "cache_mb": 0, "shuffle_buffer": 16, "checkpoint_every": 1},
+        {"split": TEST, "categories": [{"id": 1, "name": "circle"},
+                                       {"id": 2, "name": "square"}],
+         "train_rows": 12, "checkpoint_meta": {"method": "detection"}},
+        _detection_rows("train", ScaleJitter(64, (0.5, 1.5)), False),
+        {TEST: _detection_rows("val", ResizePad(64), True)})
+
+
+SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino, "detection": detection}
 
 
 def context(scenario: Scenario, run_dir: str | Path | None = None,

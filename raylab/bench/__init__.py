@@ -8,6 +8,7 @@ returns a JSON-able dict; :func:`run` adds the date and prints it.
   scaling) against plain torch loops, DataLoaders and torch DDP;
 - :mod:`.images`: image ingest, ConvNeXt and DINO on CIFAR, DINO scaling;
 - :mod:`.clear`: the CLEAR Table 1;
+- :mod:`.detection`: Mask R-CNN learning on the synthetic detection sample, and coco128;
 - :mod:`.gpu`: step benchmarks on a GPU without Ray (``python -m raylab.bench.gpu``).
 """
 
@@ -63,6 +64,11 @@ BENCHES: dict[str, Bench] = {
                         "DINO k-NN vs random init and supervised, same network"),
     "dino-scaling": Bench("images:bench_dino_scaling", "DINO img/s with 1 vs 2 workers"),
     "clear-table": Bench("clear:bench_clear_table", "the CLEAR paper's Table 1"),
+    "detection-sample": Bench("detection:bench_detection_sample",
+                              "ViTDet and CNN Mask R-CNN AP on the synthetic sample; "
+                              "img/s vs a plain loop"),
+    "detection-coco128": Bench("detection:bench_detection_coco128",
+                               "a short CPU run on coco128: its AP"),
     "gpu-steps": Bench("gpu:bench_steps", "ConvNeXt and DINO steps on a GPU vs plain steps"),
 }
 

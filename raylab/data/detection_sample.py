@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from raylab.data.coco import compressed_counts
+from raylab.data.coco import compressed_counts, convert_coco
 from raylab.data.shards import sample_folder
 from raylab.errors import ConfigError
 
@@ -228,4 +228,15 @@ def write_detection_sample(dst: str | os.PathLike, *, images: int = 64,
                       seed=seed)
         (tmp / "README.txt").write_text(_README.format(classes=", ".join(names),
                                                        params=params))
+    return dst
+
+
+def convert_sample(raw: str | os.PathLike, dst: str | os.PathLike,
+                   overwrite: bool = False) -> Path:
+    """Convert each split of a sample from :func:`write_detection_sample` into
+    ``dst/<split>`` (what ``raylab train detection --data dst`` reads)."""
+    raw, dst = Path(raw), Path(dst)
+    for split in SPLITS:
+        convert_coco(raw / "images" / split, raw / "annotations" / f"instances_{split}.json",
+                     dst / split, overwrite=overwrite)
     return dst

@@ -33,18 +33,24 @@ SMOKE = {
              "--set", "max_train_rows=64"],
     "clear": ["--set", "model=test_resnet", "--set", "input_size=16",
               "--set", "optim.batch_size=8"],
+    "detection": ["--set", "model=vit_tiny_patch16_224", "--set", "image_size=64",
+                  "--set", "model_kwargs={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8}",
+                  "--set", "window_size=4", "--set", "global_blocks=[1]", "--set", "channels=16",
+                  "--set", "optim.batch_size=4", "--set", "max_train_rows=8",
+                  "--set", "report_images=2"],
 }
 
 
 @pytest.fixture(scope="module")
-def samples(sample_shards: Path, tiny_clear_stream: Path, tmp_path_factory) -> dict:
+def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path,
+            tmp_path_factory) -> dict:
     from raylab.data.imagefolder import convert_imagefolder, write_image_sample
 
     root = tmp_path_factory.mktemp("method_samples")
     images = write_image_sample(root / "raw", classes=4, train_per_class=30, test_per_class=10)
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
-            "clear": tiny_clear_stream}
+            "clear": tiny_clear_stream, "detection": detection_shards}
 
 
 def test_every_method_has_a_smoke_run() -> None:

@@ -32,8 +32,6 @@ from raylab.data.inspect import format_inspection, inspect_shards
 from raylab.data.shards import iter_rows, read_manifest, write_shards
 from raylab.errors import DataError
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 SCHEMA = {"image_id": "int64", "file_name": "string", "image": "binary", "width": "int32",
           "height": "int32", "ann_ids": "list<item: int64>",
           "category_ids": "list<item: int32>", "boxes": "list<item: float>",

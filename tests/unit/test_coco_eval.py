@@ -20,8 +20,6 @@ from raylab.data.detection_sample import write_detection_sample
 from raylab.errors import DataError
 from raylab.metrics.detection import AP_KEYS, CocoEvaluator, coco_eval
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 
 def _quiet_coco(path: Path) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):

@@ -21,8 +21,6 @@ from raylab.data.detection_sample import (
 )
 from raylab.errors import ConfigError, DataError
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 SMALL = dict(images=24, val_images=6, size=96)
 
 

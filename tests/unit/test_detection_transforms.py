@@ -25,19 +25,18 @@ from raylab.transforms.detection import (
     ScaleJitter,
     apply_geometry,
     build_detection_transform,
+    masks_to_boxes,
+    unscale_boxes,
+    unscale_masks,
+)
+from raylab.transforms.detection_batch import (
     contiguous_label_map,
     detection_batch_transform,
-    masks_to_boxes,
     pack_masks,
     to_torchvision_targets,
     unpack_masks,
-    unscale_boxes,
-    unscale_masks,
     xywh_to_xyxy,
 )
-
-# pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 BG = (128, 128, 128)
 PAD = (7, 7, 7)

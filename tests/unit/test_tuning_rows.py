@@ -18,19 +18,20 @@ from raylab.registry import get_method, list_methods
 
 
 @pytest.fixture(scope="module")
-def samples(sample_shards: Path, tiny_clear_stream: Path, tmp_path_factory) -> dict:
+def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path,
+            tmp_path_factory) -> dict:
     from raylab.data.imagefolder import convert_imagefolder, write_image_sample
 
     root = tmp_path_factory.mktemp("tuning_rows")
     images = write_image_sample(root / "raw", classes=4, train_per_class=30, test_per_class=10)
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
-            "clear": tiny_clear_stream}
+            "clear": tiny_clear_stream, "detection": detection_shards}
 
 
 #: Configs small enough to plan (nothing is trained).
 SETTINGS = {"skill": {}, "convnext": {"optim.batch_size": 16},
-            "dino": {"optim.batch_size": 16}, "clear": {}}
+            "dino": {"optim.batch_size": 16}, "clear": {}, "detection": {"val_fraction": 0.2}}
 
 
 def test_every_method_is_covered() -> None:

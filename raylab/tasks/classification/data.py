@@ -179,12 +179,13 @@ def in_val(paths: Any, fraction: float) -> Any:
 class HoldOut:
     """Ray Data batch filter: keep (or drop) the validation share of a split."""
 
-    def __init__(self, fraction: float, keep_val: bool) -> None:
+    def __init__(self, fraction: float, keep_val: bool, column: str = "path") -> None:
         self.fraction = fraction
         self.keep_val = keep_val
+        self.column = column  # the row's identity: an image path, a COCO image id
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        mask = in_val(batch["path"], self.fraction)
+        mask = in_val(batch[self.column], self.fraction)
         if not self.keep_val:
             mask = ~mask
         return {k: v[mask] for k, v in batch.items()}

@@ -1,0 +1,143 @@
+"""Detection benchmarks on a CPU: learning on the synthetic sample, and coco128.
+
+- ``detection-sample``: a small ViTDet and a small CNN + FPN Mask R-CNN trained by
+  ``raylab train detection`` (1 Train worker, LSJ in Ray Data tasks) on the SYNTHETIC
+  detection sample for a stated budget; box and mask AP on its held-out images. Baseline in
+  the same run: the same model and step in a plain PyTorch loop over the same number of
+  batches jittered once in memory (what a user writes without raylab); the ratio of
+  steady-state images/s.
+- ``detection-coco128``: ``../shared/data/coco128`` converted (both splits) and a short CPU
+  run of the CNN detector from random init; its AP, reported as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raylab import config as cfglib
+from raylab.bench import BenchOptions
+from raylab.data.coco import convert_coco
+from raylab.data.detection_sample import convert_sample, write_detection_sample
+from raylab.data.shards import iter_rows
+from raylab.engine.schedules import set_lr
+from raylab.methods.detection import DetectionConfig, DetectionMethod
+from raylab.optim import build_optimizer
+from raylab.runtime.cluster import ensure_ray
+from raylab.runtime.options import RunOptions
+from raylab.tasks.detection.data import COLUMNS, load_detection_data, train_transform
+from raylab.tasks.detection.task import LOSS_KEYS, build_model, lr_schedule
+from raylab.transforms.detection_batch import detection_batch_transform, to_torchvision_targets
+
+#: A CPU budget on the 128 px sample: what each model trains with (besides its own keys).
+SAMPLE_BUDGET = {"image_size": 128, "optim.batch_size": 8, "optim.reference_batch": 8,
+                 "optim.lr": 2e-4, "optim.warmup_iters": 20, "optim.schedule": "cosine",
+                 "aug.scale_range": [0.5, 1.5], "eval_every": 5, "checkpoint_every": 1000,
+                 "channels": 64, "drop_path": 0.0, "report_images": 4}
+MODELS = {
+    # ViT-Tiny width, 6 blocks, 8 px patches: a 16x16 token grid at 128 px, windows of 8.
+    "vitdet": {"backbone": "vitdet", "model": "vit_tiny_patch16_224",
+               "model_kwargs": {"depth": 6, "patch_size": 8}, "window_size": 8,
+               "global_blocks": [2, 5]},
+    "cnn": {"backbone": "cnn", "model": "resnet18"},
+}
+
+
+def _config(data: str, epochs: int, model: str, **more: Any) -> DetectionConfig:
+    return cfglib.apply_overrides(DetectionConfig(), {
+        "data": data, **SAMPLE_BUDGET, **MODELS[model], "optim.epochs": epochs, **more})
+
+
+def plain_rate(cfg: DetectionConfig, steps: int, warmup: int = 3) -> float:
+    """Images/s of the same model and step in a plain loop over batches jittered once in
+    memory: no Ray, no engine, one process with the machine's threads."""
+    data = load_detection_data(cfg)
+    rows = list(iter_rows(data.train_folder, columns=COLUMNS))
+    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
+    for k in ("image_id", "width", "height"):
+        batch[k] = batch[k].astype(np.int64)
+    jittered = detection_batch_transform(batch, train_transform(cfg), label_map=data.label_map,
+                                         seed=0)
+    size = cfg.optim.batch_size
+    batches = [{k: v[i:i + size] for k, v in jittered.items()}
+               for i in range(0, len(rows) - size + 1, size)]
+    model = build_model(cfg, data.num_classes)
+    model.train()
+    optimizer = build_optimizer(model, "adamw", lr=cfg.optim.effective_lr,
+                                weight_decay=cfg.optim.weight_decay,
+                                layer_decay=cfg.optim.layer_decay)
+    lr = lr_schedule(cfg, len(batches))
+    seconds = []
+    for step in range(warmup + steps):
+        images, targets = to_torchvision_targets(batches[step % len(batches)])
+        t0 = time.perf_counter()
+        set_lr(optimizer, float(lr[step % len(lr)]))
+        losses = model(images, targets)
+        loss = sum(losses[k] for k in LOSS_KEYS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= warmup:
+            seconds.append(time.perf_counter() - t0)
+    return size / statistics.median(seconds)
+
+
+def _train(cfg: DetectionConfig, storage: Path, name: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    summary = DetectionMethod().train(cfg, RunOptions(workers=1), str(storage), name)
+    return {"box": {k: _round(v) for k, v in summary["bbox"].items()},
+            "mask": {k: _round(v) for k, v in summary["segm"].items()},
+            "params": summary["params"], "train_img_per_s": summary["train_img_per_s"],
+            "final_train_loss": _round(summary["train_loss"]),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def bench_detection_sample(opts: BenchOptions) -> dict[str, Any]:
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    if opts.data:
+        data = opts.data
+    else:
+        raw = write_detection_sample(tmp / "raw", images=128, val_images=32, size=128,
+                                     classes=3)
+        data = str(convert_sample(raw, tmp / "shards"))
+    ensure_ray()
+    out: dict[str, Any] = {"bench": "detection-sample", "epochs": epochs, "data": data,
+                           "budget": SAMPLE_BUDGET}
+    only = opts.only or list(MODELS)
+    for model in only:
+        cfg = _config(data, epochs, model)
+        result = _train(cfg, tmp / "runs", model)
+        torch.set_num_threads(os.cpu_count() or 1)
+        result["plain_loop_img_per_s"] = round(plain_rate(cfg, steps=10), 2)
+        result["ratio"] = round(result["train_img_per_s"] / result["plain_loop_img_per_s"], 3)
+        result["config"] = MODELS[model]
+        out[model] = result
+    return out
+
+
+def bench_detection_coco128(opts: BenchOptions) -> dict[str, Any]:
+    epochs, tmp = max(opts.epochs, 1), opts.tmp
+    root = Path(opts.data or Path(os.environ.get(
+        "RAYLAB_DATA", Path(__file__).parents[2].parent / "shared" / "data")) / "coco128")
+    shards = tmp / "coco128"
+    for split in ("train2017", "val2017"):
+        convert_coco(root / "images" / split, root / "annotations" / f"instances_{split}.json",
+                     shards / split)
+    ensure_ray()
+    cfg = _config(str(shards), epochs, "cnn", **{
+        "train_split": "train2017", "eval_split": "val2017", "image_size": 256,
+        "channels": 128, "optim.batch_size": 4, "optim.reference_batch": 4,
+        "aug.scale_range": [0.8, 1.25], "eval_every": epochs})
+    result = _train(cfg, tmp / "runs", "coco128")
+    return {"bench": "detection-coco128", "epochs": epochs, **result,
+            "config": {"model": "resnet18 + FPN, random init", "image_size": 256}}

@@ -1,0 +1,214 @@
+"""Detection and instance segmentation on COCO shards: Mask R-CNN with a ViTDet or CNN
+backbone.
+
+Papers: Y. Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection"
+(ViTDet, ECCV 2022; detectron2 ``projects/ViTDet``), the first backbone; a timm CNN + FPN
+is the second. The pieces are shared with the other detection methods
+(:mod:`raylab.tasks.detection`): COCO shards -> Ray Data tasks decode and scale-jitter
+image, boxes and masks together on CPU -> Train workers step torchvision's Mask R-CNN
+(AdamW, layer-wise lr decay, warm-up + step decay, AMP) -> each worker predicts on its
+share of the evaluation images, and the chief scores all of them with COCOeval.
+
+Data: ``--data ROOT`` with one coco shard folder per split (``ROOT/train``,
+``ROOT/val``; ``raylab data convert coco`` writes each).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raylab import config as cfglib
+from raylab.data.shards import iter_rows
+from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
+from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.metrics.detection import AP_KEYS
+from raylab.models import count_params
+from raylab.registry import register_method
+from raylab.runtime.options import RunOptions
+from raylab.tasks.detection.config import DetectionConfig
+from raylab.tasks.detection.data import (
+    DetectionData,
+    eval_dataset,
+    holdout_ids,
+    load_detection_data,
+    row_ids,
+    train_dataset,
+)
+from raylab.tasks.detection.predict import TrainedDetector, draw_detections, read_image
+from raylab.tasks.detection.task import IOU_TYPES, DetectionTask, build_model
+
+
+def checkpoint_meta(cfg: DetectionConfig, data: DetectionData) -> dict[str, Any]:
+    """What a run's model folder needs besides the weights (``raylab predict``)."""
+    return {"method": "detection", "config": cfglib.to_dict(cfg),
+            "categories": data.categories, "image_size": cfg.image_size}
+
+
+@register_method
+class DetectionMethod(Method):
+    name = "detection"
+    paper = ("Li et al. 2022, ViTDet (plain ViT backbone, simple feature pyramid, window "
+             "attention) with torchvision's Mask R-CNN; timm CNN + FPN as second backbone")
+    Config = DetectionConfig
+    Task = DetectionTask
+    main_metric = "bbox_AP"
+    default_space = {
+        "optim.lr": "log(3e-5, 3e-4)",
+        # The jitter range as its two presets (0.1-2.0 or 0.8-1.25): Optuna's categorical
+        # choices must be plain values, not lists.
+        "aug.jitter": "[lsj, ssj]",
+        "optim.layer_decay": "(0.6, 0.9)",
+        "global_blocks": "[2, 4]",
+    }
+    path_keys = ("data", "backbone_checkpoint")
+
+    def load(self, cfg: DetectionConfig) -> DetectionData:
+        return load_detection_data(cfg)
+
+    def plan(self, cfg: DetectionConfig, data: DetectionData, tune: bool) -> list[RunPlan]:
+        """``train`` scores the evaluation split; a Tune trial scores ``val_fraction`` of
+        the training images (by a hash of the image id), which it does not train on."""
+        if tune:
+            return [RunPlan(VAL, VAL, len(holdout_ids(data.train_paths, cfg.val_fraction)))]
+        return [RunPlan(RUN, TEST, data.eval_rows)]
+
+    def inputs(self, cfg: DetectionConfig, data: DetectionData, plan: RunPlan
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        labels = data.label_map
+        if plan.split == VAL:
+            train = train_dataset(data.train_paths, cfg, labels, hold_out=False)
+            evaluate = eval_dataset(data.train_paths, cfg, labels, hold_out=True)
+            train_rows = data.train_rows - len(holdout_ids(data.train_paths,
+                                                           cfg.val_fraction))
+        else:
+            train = train_dataset(data.train_paths, cfg, labels)
+            evaluate = eval_dataset(data.eval_paths, cfg, labels)
+            train_rows = data.train_rows
+        if cfg.max_train_rows:
+            train_rows = min(train_rows, cfg.max_train_rows)
+        args = {"categories": data.categories, "train_rows": train_rows,
+                "checkpoint_meta": checkpoint_meta(cfg, data)}
+        return {TRAIN: train, plan.split: evaluate}, args
+
+    def eval_row_ids(self, cfg: DetectionConfig, data: DetectionData, plan: RunPlan
+                     ) -> set[str]:
+        """The image ids the plan's evaluation scores (COCO ids are unique across splits)."""
+        if plan.split == VAL:
+            return {str(i) for i in holdout_ids(data.train_paths, cfg.val_fraction)}
+        return {str(i) for i in row_ids(data.eval_paths)}
+
+    def describe(self, cfg: DetectionConfig, options: RunOptions, data: DetectionData) -> None:
+        params = count_params(build_model(cfg, data.num_classes))
+        o = cfg.optim
+        kind = (f"ViTDet {cfg.model} (window {cfg.window_size}, global blocks "
+                f"{cfg.global_blocks}, propagation {cfg.propagation}, pyramid {cfg.pyramid})"
+                if cfg.backbone == "vitdet" else f"{cfg.model} + FPN")
+        print(f"Mask R-CNN with {kind}: {params:,} params, {data.num_classes - 1} classes, "
+              f"{cfg.image_size} px", flush=True)
+        print(f"recipe: AdamW lr {o.lr:g} @ batch {o.reference_batch} -> {o.effective_lr:.3g} "
+              f"@ global batch {o.batch_size} ({max(options.workers, 1)} worker(s)), wd "
+              f"{o.weight_decay:g}, layer decay {o.layer_decay}, {o.schedule} over {o.epochs} "
+              f"epochs ({o.warmup_iters} warm-up iterations), jitter {cfg.aug.jitter} "
+              f"{cfg.aug.scale()}, drop-path {cfg.drop_path:g}, {cfg.precision}", flush=True)
+
+    def summarise(self, cfg: DetectionConfig, data: DetectionData, results: list[RunResult]
+                  ) -> dict[str, Any]:
+        result = results[0]
+        m = result.metrics
+        split = result.plan.split
+        ap = {kind: {k: _number(m.get(metric_key(split, f"{kind}_{k}"))) for k in AP_KEYS}
+              for kind in IOU_TYPES}
+        return {
+            "method": "detection",
+            "backbone": cfg.backbone,
+            "model": cfg.model,
+            "image_size": cfg.image_size,
+            "eval_split": cfg.eval_split,
+            "eval_images": data.eval_rows,
+            "train_images": data.train_rows,
+            "classes": data.class_names,
+            "epochs": int(m["epoch"]),
+            "bbox": ap["bbox"],
+            "segm": ap["segm"],
+            "train_loss": _number(m.get("train_loss")),
+            "train_img_per_s": _number(m.get("img_per_s")),
+            "params": count_params(build_model(cfg, data.num_classes)),
+            "checkpoint": result.checkpoint,
+            "seconds": round(result.seconds, 1),
+        }
+
+    def write_report(self, cfg: DetectionConfig, summary: dict[str, Any], folder: Path) -> None:
+        """AP tables, loss and AP curves, and a few evaluation images with detections."""
+        # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
+        from raylab.plots import plot_metric_history, read_metrics
+
+        rows = read_metrics(folder / RUN / "metrics.jsonl")
+        losses = plot_metric_history(rows, {k: f"train_{k}" for k in (
+            "loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+            "loss_rpn_box_reg")}, "training loss", folder / "losses.png")
+        aps = plot_metric_history(rows, {"box AP": metric_key(TEST, "bbox_AP"),
+                                         "mask AP": metric_key(TEST, "segm_AP")},
+                                  "AP", folder / "ap.png")
+        pictures = self._pictures(cfg, summary, folder)
+        lines = [f"# Detection run: Mask R-CNN, {summary['backbone']} {summary['model']} at "
+                 f"{summary['image_size']} px", "",
+                 f"{summary['eval_images']} {summary['eval_split']} images, "
+                 f"{len(summary['classes'])} classes, after {summary['epochs']} epochs "
+                 f"({summary['train_images']} training images).", "",
+                 "| | AP | AP50 | AP75 | APs | APm | APl |", "|---|---|---|---|---|---|---|"]
+        for kind, label in (("bbox", "box"), ("segm", "mask")):
+            lines.append(f"| {label} | " + " | ".join(_percent(summary[kind][k])
+                                                      for k in AP_KEYS) + " |")
+        lines += ["", f"- params {summary['params']:,}; training "
+                      f"{_fmt(summary['train_img_per_s'])} img/s (all workers); wall time "
+                      f"{summary['seconds']:.0f} s", ""]
+        for path, caption in ((losses, "training losses per epoch"), (aps, "AP per epoch")):
+            if path:
+                lines += [f"![{caption}]({Path(path).name})", ""]
+        lines += [f"![detections on {name}](pictures/{name})" for name in pictures]
+        cfglib.atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")
+
+    def _pictures(self, cfg: DetectionConfig, summary: dict[str, Any], folder: Path
+                  ) -> list[str]:
+        """Draw the final model's detections on the first evaluation images."""
+        if not cfg.report_images or not summary.get("checkpoint") or \
+                not Path(str(summary["checkpoint"])).exists():
+            return []
+        detector = TrainedDetector(summary["checkpoint"])
+        (folder / "pictures").mkdir(exist_ok=True)
+        names = []
+        eval_folder = Path(cfg.data) / cfg.eval_split
+        for row in iter_rows(eval_folder, columns=["image_id", "file_name", "image"]):
+            if len(names) >= cfg.report_images:
+                break
+            pixels = read_image(row["image"])
+            found = detector(pixels, int(row["image_id"]))
+            name = f"{Path(str(row['file_name'])).stem}.png"
+            draw_detections(pixels, found, detector.names).save(folder / "pictures" / name)
+            names.append(name)
+        return names
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        b, s = summary["bbox"], summary["segm"]
+        print(f"\nMask R-CNN ({summary['backbone']} {summary['model']}) on "
+              f"{summary['eval_images']} {summary['eval_split']} images after "
+              f"{summary['epochs']} epochs: box AP {_percent(b['AP'])} (AP50 "
+              f"{_percent(b['AP50'])}), mask AP {_percent(s['AP'])} (AP50 "
+              f"{_percent(s['AP50'])})")
+        print(f"params {summary['params']:,}  train {_fmt(summary['train_img_per_s'])} img/s  "
+              f"({summary['seconds']:.0f} s)")
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

@@ -1,0 +1,184 @@
+"""COCO shards for detection: split lookup, hold-out, jittering in Ray Data, batches.
+
+Driver side (before Ray Train starts): :func:`load_detection_data` finds the training and
+evaluation shard folders and their category table. Ray Data side: training rows are
+decoded and scale-jittered on CPU tasks (:func:`raylab.transforms.detection.
+detection_batch_transform`), evaluation rows resized and padded, and both ship uint8
+pixels with masks bit-packed. Evaluation rows also carry their original annotations
+(compressed RLE masks, COCO boxes), so the worker that runs COCOeval rebuilds the ground
+truth of exactly the rows it scored: no shared file, and a row count to check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raylab.data.coco import coco_manifest
+from raylab.data.shards import MANIFEST, shard_paths
+from raylab.errors import DataError
+from raylab.runtime.datasets import read_shards
+from raylab.tasks.classification.data import HoldOut, in_val
+from raylab.tasks.detection.config import DetectionConfig
+from raylab.transforms.detection import ResizePad, ScaleJitter
+from raylab.transforms.detection_batch import contiguous_label_map, detection_batch_transform
+
+#: Columns of a coco shard the pipelines read.
+COLUMNS = ["image_id", "file_name", "image", "width", "height", "ann_ids", "category_ids",
+           "boxes", "areas", "iscrowd", "masks"]
+#: The original annotations an evaluation row carries to the scoring worker.
+GROUND_TRUTH = ("ann_ids", "category_ids", "boxes", "areas", "iscrowd", "masks")
+GT_PREFIX = "gt_"
+#: The hold-out of a Tune trial is drawn by this column's value.
+ROW_ID = "image_id"
+
+
+@dataclass
+class DetectionData:
+    """What the driver knows about the data before Ray starts."""
+
+    categories: list[dict[str, Any]]
+    train_paths: list[str]
+    eval_paths: list[str]
+    train_rows: int
+    eval_rows: int
+    train_folder: str
+    eval_folder: str
+
+    @property
+    def label_map(self) -> dict[int, int]:
+        """COCO category id -> the detector's label 1..K (0 is the background)."""
+        return contiguous_label_map(c["id"] for c in self.categories)
+
+    @property
+    def num_classes(self) -> int:
+        """Categories + the background, as torchvision's heads count them."""
+        return len(self.categories) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        names = {c["id"]: c["name"] for c in self.categories}
+        return [names[cid] for cid in sorted(names)]
+
+
+def split_folder(cfg: DetectionConfig, split: str) -> Path:
+    """``<data>/<split>``: a coco shard folder (``raylab data convert coco``)."""
+    return Path(cfg.data) / split
+
+
+def load_detection_data(cfg: DetectionConfig) -> DetectionData:
+    """The training and evaluation splits of ``cfg.data``.
+
+    Raises:
+        DataError: ``cfg.data`` lacks a split folder, a split is not a coco shard folder,
+            or the two splits' category tables differ.
+    """
+    root = Path(cfg.data)
+    manifests = {}
+    for split in (cfg.train_split, cfg.eval_split):
+        folder = split_folder(cfg, split)
+        if not (folder / MANIFEST).is_file():
+            found = sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file()) \
+                if root.is_dir() else []
+            raise DataError(f"no coco shard folder for split {split!r}: expected "
+                            f"{folder}/{MANIFEST} (convert each split with `raylab data "
+                            f"convert coco IMAGES ANNOTATIONS.json {folder}`); found "
+                            f"{found or 'none'}", path=root)
+        manifests[split] = coco_manifest(folder)
+    train, evaluate = manifests[cfg.train_split], manifests[cfg.eval_split]
+    categories = train["extra"]["categories"]
+    if _ids_names(categories) != _ids_names(evaluate["extra"]["categories"]):
+        raise DataError(f"the category tables of splits {cfg.train_split!r} and "
+                        f"{cfg.eval_split!r} differ; convert both with the same categories",
+                        path=split_folder(cfg, cfg.eval_split) / MANIFEST)
+    return DetectionData(
+        categories=[dict(c) for c in categories],
+        train_paths=shard_paths(split_folder(cfg, cfg.train_split)),
+        eval_paths=shard_paths(split_folder(cfg, cfg.eval_split)),
+        train_rows=int(train["rows"]),
+        eval_rows=int(evaluate["rows"]),
+        train_folder=str(split_folder(cfg, cfg.train_split)),
+        eval_folder=str(split_folder(cfg, cfg.eval_split)),
+    )
+
+
+def _ids_names(categories: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    return sorted((int(c["id"]), str(c["name"])) for c in categories)
+
+
+def row_ids(paths: list[str]) -> list[int]:
+    """The image ids of the shard files ``paths``, in order (reads that column only)."""
+    ids: list[int] = []
+    for path in paths:
+        ids += pq.read_table(path, columns=[ROW_ID]).column(ROW_ID).to_pylist()
+    return ids
+
+
+def holdout_ids(paths: list[str], fraction: float) -> list[int]:
+    """The image ids of the validation hold-out (what a Tune trial scores)."""
+    ids = row_ids(paths)
+    if fraction <= 0:
+        return []
+    return [i for i, keep in zip(ids, in_val(ids, fraction)) if keep]
+
+
+def train_transform(cfg: DetectionConfig) -> ScaleJitter | ResizePad:
+    """Large- or standard-scale jittering at ``image_size`` (or a plain resize + pad)."""
+    a = cfg.aug
+    if a.jitter == "none":
+        return ResizePad(cfg.image_size)
+    return ScaleJitter(cfg.image_size, scale_range=a.scale(), flip_prob=a.flip)
+
+
+def train_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
+                  hold_out: bool | None = None) -> Any:
+    """Training rows, jittered anew in every epoch (fresh random draws per task).
+
+    ``hold_out``: None keeps every row; False drops the validation share (a Tune trial).
+    """
+    ds = _rows(paths, cfg, training=True, hold_out=hold_out)
+    return ds.map_batches(detection_batch_transform, fn_kwargs=dict(
+        transform=train_transform(cfg), label_map=label_map, seed=None),
+        batch_format="numpy", batch_size=8)
+
+
+def eval_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
+                 hold_out: bool | None = None) -> Any:
+    """Evaluation rows resized + padded to ``image_size``, with their ground truth."""
+    ds = _rows(paths, cfg, training=False, hold_out=hold_out)
+    return ds.map_batches(eval_batch, fn_kwargs=dict(
+        transform=ResizePad(cfg.image_size), label_map=label_map),
+        batch_format="numpy", batch_size=8)
+
+
+def _rows(paths: list[str], cfg: DetectionConfig, training: bool,
+          hold_out: bool | None) -> Any:
+    ds = read_shards(paths, COLUMNS, shuffle_files=training,
+                     materialize_mb=cfg.materialize_mb)
+    if training and cfg.max_train_rows:
+        ds = ds.limit(cfg.max_train_rows)
+    if hold_out is not None and cfg.val_fraction > 0:
+        ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out, column=ROW_ID),
+                            batch_format="numpy")
+    return ds
+
+
+def eval_batch(batch: dict[str, np.ndarray], transform: ResizePad,
+               label_map: dict[int, int]) -> dict[str, np.ndarray]:
+    """Ray Data task: resize + pad the images (no masks needed to predict) and keep each
+    row's original annotations under ``gt_*`` for COCOeval."""
+    out = detection_batch_transform(batch, transform, label_map=label_map, with_masks=False)
+    for key in GROUND_TRUTH:
+        out[GT_PREFIX + key] = batch[key]
+    return out
+
+
+def keep_numpy(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collate function of detection batches: per-row arrays stay numpy (a row's
+    boxes and masks differ in count from the next row's); the task moves them to its
+    device with :func:`raylab.transforms.detection.to_torchvision_targets`."""
+    return batch

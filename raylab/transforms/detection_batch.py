@@ -1,0 +1,256 @@
+"""Detection rows through Ray Data: decode, jitter, pack; and Mask R-CNN targets on a worker.
+
+:func:`detection_batch_transform` is the ``map_batches`` function of the detection
+pipelines: it decodes a batch of COCO shard rows (encoded image, RLE masks), applies a
+:mod:`raylab.transforms.detection` transform to image, boxes and masks together, and ships
+uint8 pixels with each mask bit-packed over its tight box (:func:`pack_masks`; why not RLE:
+see :mod:`raylab.transforms.detection`). On the worker, :func:`to_torchvision_targets`
+unpacks them into torchvision's image list and target dicts. numpy/torch only, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from raylab.errors import DataError
+from raylab.transforms.detection import (
+    DetectionSample,
+    ResizePad,
+    ScaleJitter,
+    masks_to_boxes,
+)
+from raylab.transforms.images import decode_image
+
+# ---- compact masks -----------------------------------------------------------------------
+
+def pack_masks(masks: np.ndarray,
+               windows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bit-pack ``[n, S, S]`` masks over each one's tight box.
+
+    Args:
+        masks: 0/1 masks.
+        windows: Their tight ``xyxy`` boxes if known (e.g. ``DetectionSample.boxes``); any
+            boxes that contain the masks work.
+
+    Returns:
+        ``(data, windows)``: uint8 ``data`` concatenating ``ceil(bh * bw / 8)`` bytes per
+        instance (row-major bits of the window), and int32 ``windows`` ``[n, 4]`` ``xyxy``.
+    """
+    if windows is None:
+        windows, _ = masks_to_boxes(masks)
+    windows = np.asarray(windows).reshape(-1, 4).astype(np.int32)
+    parts = [np.packbits(m[y1:y2, x1:x2], axis=None)
+             for m, (x1, y1, x2, y2) in zip(masks, windows)]
+    data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return data.astype(np.uint8, copy=False), windows
+
+
+def unpack_masks(data: np.ndarray, windows: np.ndarray, size: int | tuple[int, int],
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_masks`: uint8 ``[n, H, W]`` 0/1 tensor on ``device``.
+
+    Raises:
+        DataError: ``data`` does not hold exactly the bytes the windows need.
+    """
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else size
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+    data = np.asarray(data, dtype=np.uint8).reshape(-1)
+    out = np.zeros((len(windows), h, w), np.uint8)
+    pos = 0
+    for i, (x1, y1, x2, y2) in enumerate(windows):
+        bits = (y2 - y1) * (x2 - x1)
+        nbytes = (bits + 7) // 8
+        if pos + nbytes > data.size:
+            raise DataError(f"packed masks hold {data.size} bytes, windows need more")
+        out[i, y1:y2, x1:x2] = np.unpackbits(data[pos:pos + nbytes], count=bits).reshape(
+            y2 - y1, x2 - x1)
+        pos += nbytes
+    if pos != data.size:
+        raise DataError(f"packed masks hold {data.size} bytes, windows need {pos}")
+    return torch.from_numpy(out).to(device) if device is not None else torch.from_numpy(out)
+
+
+# ---- Ray Data batch function ------------------------------------------------------------
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """COCO ``xywh`` (any shape with n*4 values) to float32 ``[n, 4]`` ``xyxy``."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    b[:, 2:] += b[:, :2]
+    return b
+
+
+def contiguous_label_map(category_ids: Iterable[int]) -> dict[int, int]:
+    """Sorted category ids to labels ``1..K`` (0 is torchvision's background)."""
+    return {int(c): i + 1 for i, c in enumerate(sorted({int(c) for c in category_ids}))}
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _decode_masks(rles: Any, h: int, w: int, where: str) -> np.ndarray:
+    objs = [{"size": [h, w], "counts": bytes(r) if not isinstance(r, str) else r.encode()}
+            for r in rles]
+    try:
+        return np.asarray(mask_utils.decode(objs)).transpose(2, 0, 1)
+    except Exception as exc:  # pycocotools raises bare Exceptions on bad counts
+        raise DataError(f"cannot decode RLE masks ({exc})", path=where) from None
+
+
+def _transform_row(batch: Mapping[str, Any], i: int, transform: ScaleJitter | ResizePad,
+                   label_map: Mapping[int, int], rng: np.random.Generator,
+                   with_masks: bool) -> DetectionSample:
+    where = str(batch["file_name"][i]) if "file_name" in batch else f"<row {i}>"
+    image = np.asarray(decode_image(batch["image"][i], where))
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    if image.shape[:2] != (h, w):
+        raise DataError(f"image is {image.shape[1]}x{image.shape[0]} but the row says {w}x{h}",
+                        path=where)
+    cats = np.asarray(batch["category_ids"][i], dtype=np.int64).reshape(-1)
+    n = cats.size
+    boxes = xywh_to_xyxy(batch["boxes"][i])
+    iscrowd = np.asarray(batch["iscrowd"][i], dtype=np.uint8).reshape(-1)
+    rles = batch["masks"][i] if with_masks and "masks" in batch else []
+    if len(boxes) != n or len(iscrowd) != n or len(rles) not in (0, n):
+        raise DataError(f"instance columns differ in length: category_ids {n}, boxes "
+                        f"{len(boxes)}, iscrowd {len(iscrowd)}, masks {len(rles)}", path=where)
+    unknown = sorted({int(c) for c in cats} - set(label_map))
+    if unknown:
+        raise DataError(f"category ids {unknown} are not in the label map", path=where)
+    labels = np.array([label_map[int(c)] for c in cats], dtype=np.int64)
+    masks = _decode_masks(rles, h, w, where) if n and len(rles) else None
+    return transform(image, boxes, masks, labels, iscrowd, rng=rng)
+
+
+def detection_batch_transform(
+    batch: dict[str, np.ndarray],
+    transform: ScaleJitter | ResizePad,
+    *,
+    label_map: Mapping[int, int],
+    seed: int | None = None,
+    epoch: int = 0,
+    with_masks: bool = True,
+) -> dict[str, np.ndarray]:
+    """Decode, jitter and pack a batch of COCO shard rows (Ray Data ``map_batches``).
+
+    Use as ``ds.map_batches(detection_batch_transform, fn_kwargs=dict(transform=...,
+    label_map=..., seed=..., epoch=...), batch_format="numpy")``. Each row gets its own
+    generator ``default_rng([seed, epoch, image_id])``, so the draws do not depend on how Ray
+    splits the data into batches; pass a new ``epoch`` per epoch (or ``seed=None``, fresh
+    entropy and not reproducible) to get new draws.
+
+    Args:
+        batch: Columns ``image_id``, ``file_name``, ``image`` (encoded bytes), ``width``,
+            ``height``, ``ann_ids``, ``category_ids``, ``boxes`` (flattened COCO ``xywh``),
+            ``iscrowd`` and ``masks`` (COCO compressed RLE counts per instance).
+        transform: :class:`ScaleJitter` (training) or :class:`ResizePad` (evaluation).
+        label_map: Category id to label ``1..K`` (:func:`contiguous_label_map`).
+        seed: Base seed, or None.
+        epoch: Mixed into each row's seed.
+        with_masks: False skips mask decoding (box-only, e.g. for evaluation).
+
+    Returns:
+        ``image`` uint8 ``[B, S, S, 3]``; ``image_id`` int64, ``height``/``width`` int32
+        (original) and ``scale`` float64 ``[B, 2]`` (``sy, sx``); per row (object arrays of
+        1-D arrays): ``boxes`` float32 ``n*4`` ``xyxy``, ``labels`` int64, ``iscrowd`` uint8,
+        ``ann_ids`` int64, ``masks`` uint8 packed bits and ``mask_windows`` int32 ``n*4``
+        (:func:`unpack_masks`; empty without masks).
+
+    Raises:
+        DataError: A row's image or masks do not decode, its columns disagree, or a
+            category id is missing from ``label_map`` (the error names the file).
+    """
+    count = len(batch["image"])
+    size = transform.output_size
+    images = np.empty((count, size, size, 3), np.uint8)
+    scale = np.empty((count, 2), np.float64)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                         ("boxes", "labels", "iscrowd", "ann_ids", "masks",
+                                          "mask_windows")}
+    for i in range(count):
+        image_id = int(batch["image_id"][i])
+        rng = np.random.default_rng(None if seed is None else [seed, epoch, image_id % 2**63])
+        sample = _transform_row(batch, i, transform, label_map, rng, with_masks)
+        images[i] = sample.image
+        scale[i] = sample.geometry.scale
+        ann_ids = np.asarray(batch["ann_ids"][i], dtype=np.int64).reshape(-1)
+        if sample.masks is not None:
+            data, windows = pack_masks(sample.masks, sample.boxes)
+        else:
+            data, windows = np.zeros(0, np.uint8), np.zeros((0, 4), np.int32)
+        cols["boxes"].append(sample.boxes.reshape(-1))
+        cols["labels"].append(sample.labels)
+        cols["iscrowd"].append(sample.iscrowd)
+        cols["ann_ids"].append(ann_ids[sample.keep] if ann_ids.size else ann_ids)
+        cols["masks"].append(data)
+        cols["mask_windows"].append(windows.reshape(-1))
+    return {
+        "image": images,
+        "image_id": np.asarray(batch["image_id"], dtype=np.int64).reshape(-1),
+        "height": np.asarray(batch["height"], dtype=np.int32).reshape(-1),
+        "width": np.asarray(batch["width"], dtype=np.int32).reshape(-1),
+        "scale": scale,
+        **{k: _ragged(v) for k, v in cols.items()},
+    }
+
+
+def to_torchvision_targets(
+    batch: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    *,
+    drop_crowd: bool = True,
+    with_masks: bool = True,
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Turn a :func:`detection_batch_transform` batch into torchvision Mask R-CNN inputs.
+
+    Read the batches with ``iter_batches(batch_format="numpy")``: the per-row columns are
+    ragged, which ``iter_torch_batches`` cannot collate.
+
+    Images travel as uint8 and become float ``[3, S, S]`` in 0-1 on ``device`` (the model
+    normalises). Build the model with ``min_size=max_size=S`` so that its own transform does
+    not resize again. torchvision cannot ignore crowd regions, so ``drop_crowd`` (default)
+    removes crowd instances from the targets, as detectron2 does for training; evaluation
+    ground truth comes from the COCO JSON.
+
+    Returns:
+        ``(images, targets)``; each target has ``boxes`` float32 ``[n, 4]`` ``xyxy``,
+        ``labels`` int64, ``iscrowd`` int64, ``image_id`` int64 scalar and, with
+        ``with_masks``, ``masks`` uint8 ``[n, S, S]``.
+
+    Raises:
+        DataError: A row's masks are missing or do not match its boxes.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    size = tuple(x.shape[-2:])
+    targets = []
+    for i in range(x.shape[0]):
+        boxes = np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4)
+        keep = np.ones(len(boxes), bool)
+        if drop_crowd:
+            keep = np.asarray(batch["iscrowd"][i]).reshape(-1) == 0
+        t = {
+            "boxes": torch.from_numpy(boxes[keep]).to(device),
+            "labels": torch.as_tensor(np.asarray(batch["labels"][i], np.int64)[keep],
+                                      device=device),
+            "iscrowd": torch.as_tensor(np.asarray(batch["iscrowd"][i], np.int64)[keep],
+                                       device=device),
+            "image_id": torch.as_tensor(int(batch["image_id"][i]), device=device),
+        }
+        if with_masks:
+            windows = np.asarray(batch["mask_windows"][i]).reshape(-1, 4)
+            if len(windows) != len(boxes):
+                raise DataError(f"row {i} (image_id {int(batch['image_id'][i])}) has "
+                                f"{len(windows)} masks for {len(boxes)} boxes")
+            masks = unpack_masks(batch["masks"][i], windows, size)
+            t["masks"] = masks[torch.from_numpy(keep)].to(device)
+        targets.append(t)
+    return list(x.unbind(0)), targets

@@ -1,0 +1,87 @@
+"""Detection end to end on local Ray, on the SYNTHETIC detection sample (always there):
+2 Train workers with LSJ in Ray Data tasks, the loss falls, COCO AP of every evaluation
+image is reported, the report draws detections, and the same name resumes from its last
+checkpoint; then ``raylab predict detection`` on the run's model.
+
+That the detector learns the sample to a high AP is a benchmark (BENCHMARKS.md, "Detection
+on CPU"): it takes minutes, more than a test should.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raylab.cli import main
+from raylab.engine.checkpoint import load_meta
+
+pytestmark = pytest.mark.ray
+
+TINY_VITDET = ["--set", "model=vit_tiny_patch16_224", "--set", "image_size=96",
+               "--set", "model_kwargs={depth: 2, embed_dim: 48, num_heads: 2, patch_size: 8}",
+               "--set", "window_size=6", "--set", "global_blocks=[1]", "--set", "channels=32",
+               "--set", "optim.batch_size=8", "--set", "optim.reference_batch=8",
+               "--set", "optim.lr=1e-3", "--set", "optim.warmup_iters=2",
+               "--set", "optim.schedule=cosine", "--set", "aug.scale_range=[0.8, 1.25]",
+               "--set", "eval_every=1", "--set", "checkpoint_every=1",
+               "--set", "report_images=2"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_evaluate_resume_and_predict(ray_cluster, detection_shards: Path,
+                                                       tmp_path: Path) -> None:
+    args = ["train", "detection", "--data", str(detection_shards), *TINY_VITDET,
+            "--workers", "2", "--storage", str(tmp_path), "--name", "det"]
+    assert main([*args, "--set", "optim.epochs=3"]) == 0
+    exp = tmp_path / "det"
+    rows = _rows(exp / "run")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["train_samples"] == 48 for r in rows)  # 48 images, batch 8: no remainder
+    # COCOeval on the chief over every evaluation image, gathered from both workers.
+    assert all(r["test_rows"] == 12 for r in rows)
+    assert all(0.0 <= r["test_bbox_AP"] <= 1.0 and 0.0 <= r["test_segm_AP50"] <= 1.0
+               for r in rows)
+    assert all(r["replica_drift"] == 0.0 for r in rows)
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["eval_images"] == 12 and summary["classes"] == ["circle", "square",
+                                                                  "triangle"]
+    assert summary["bbox"]["AP"] == pytest.approx(rows[-1]["test_bbox_AP"])
+    report = (exp / "report.md").read_text()
+    assert "| box |" in report and "| mask |" in report
+    assert len(list((exp / "pictures").glob("*.png"))) == 2
+    model = exp / "run" / "model"
+    assert load_meta(model)["method"] == "detection"
+
+    # The same name with a longer schedule continues at epoch 4.
+    assert main([*args, "--set", "optim.epochs=4"]) == 0
+    assert [r["epoch"] for r in _rows(exp / "run")] == [1, 2, 3, 4]
+
+    # The trained model on a folder of images: COCO results and pictures.
+    images = sorted((detection_shards.parent / "raw" / "images" / "val").iterdir())[:3]
+    folder = tmp_path / "some_images"
+    folder.mkdir()
+    for path in images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "predicted"
+    assert main(["predict", "detection", str(folder), str(out), "--checkpoint", str(model),
+                 "--min-score", "0.0"]) == 0
+    detections = json.loads((out / "detections.json").read_text())
+    assert {d["image_id"] for d in detections} <= {1, 2, 3}
+    assert all(len(d["bbox"]) == 4 and d["segmentation"]["size"] == [96, 96]
+               for d in detections)
+    assert len(list((out / "pictures").glob("*.png"))) == 3
+
+
+def test_bad_split_folder_is_one_clear_error(ray_cluster, detection_shards: Path,
+                                             tmp_path: Path, capsys) -> None:
+    rc = main(["train", "detection", "--data", str(detection_shards), *TINY_VITDET,
+               "--set", "eval_split=test2017", "--workers", "0", "--storage", str(tmp_path)])
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no coco shard folder for split 'test2017'" in err[0]
