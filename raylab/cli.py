@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="clear-table: run only these strategies' rows (into --out); "
-                            "gpu-steps: convnext or dino; detection-sample: vitdet or cnn")
+                            "gpu-steps: convnext, dino or vitdet; "
+                            "detection-sample: vitdet or cnn")
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
     demo.add_argument("--out", default="demo_output")

@@ -1,4 +1,4 @@
-"""GPU step benchmarks without Ray: ``python -m raylab.bench.gpu [convnext|dino|all]``.
+"""GPU step benchmarks without Ray: ``python -m raylab.bench.gpu [convnext|dino|vitdet|all]``.
 
 The GPU machines lent to this project have torch and timm but no Ray, so this measures
 the worker-side step functions directly, each against a plain baseline in the same run:
@@ -10,6 +10,10 @@ the worker-side step functions directly, each against a plain baseline in the sa
 - ``dino``: ViT-S/16 DINO step time at batch 64 with 2x224 + 6x96 crops, bf16: raylab's
   ``dino_step`` + clipping + EMA teacher vs the same step written plainly (student and
   teacher called per crop, the loss as the paper's double loop).
+
+- ``vitdet``: ViTDet-B Mask R-CNN at 1024 px, batch 4, bf16: raylab's detection step
+  (unpacking the batch as Ray Data ships it, AdamW with layer-wise decay, the lr
+  schedule) vs the same model stepped plainly on targets already on the GPU.
 
 Batches are synthetic tensors already on the device: this times the step, not the input
 pipeline. Prints one JSON object.
@@ -184,6 +188,92 @@ def bench_dino(batch: int = 64, iters: int = 10, warmup: int = 3) -> dict[str, A
             "raylab_img_per_s": round(batch / t_ours, 1)}
 
 
+def _shape_batch(batch: int, size: int, instances: int = 8, seed: int = 0) -> dict[str, Any]:
+    """A detection batch as Ray Data delivers it: uint8 pixels, per-image boxes, labels
+    and bit-packed masks of random rectangles (the step's cost does not depend on them)."""
+    import numpy as np
+
+    from raylab.transforms.detection_batch import pack_masks
+
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list[Any]] = {k: [] for k in ("boxes", "labels", "iscrowd", "masks",
+                                                   "mask_windows")}
+    for _ in range(batch):
+        xy = rng.integers(0, size // 2, (instances, 2))
+        wh = rng.integers(size // 16, size // 2, (instances, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        masks = np.zeros((instances, size, size), np.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
+            m[y1:y2, x1:x2] = 1
+        data, windows = pack_masks(masks, boxes)
+        for key, value in (("boxes", boxes.reshape(-1)),
+                           ("labels", rng.integers(1, 81, instances)),
+                           ("iscrowd", np.zeros(instances, np.uint8)), ("masks", data),
+                           ("mask_windows", windows.reshape(-1))):
+            cols[key].append(value)
+    out: dict[str, Any] = {"image": rng.integers(0, 255, (batch, size, size, 3), np.uint8),
+                           "image_id": np.arange(batch)}
+    for key, values in cols.items():
+        arr = np.empty(batch, dtype=object)
+        arr[:] = values
+        out[key] = arr
+    return out
+
+
+def bench_vitdet(batch: int = 4, size: int = 1024, iters: int = 10,
+                 warmup: int = 3) -> dict[str, Any]:
+    """ViTDet-B Mask R-CNN at 1024, bf16: raylab's detection step (unpacking the Ray Data
+    batch onto the GPU, the five losses, AdamW with layer-wise decay and the lr schedule)
+    vs the same model stepped plainly on targets already on the GPU."""
+    from raylab import config as cfglib
+    from raylab.engine.context import LocalContext
+    from raylab.engine.loop import TrainState
+    from raylab.engine.shards import InMemoryShard
+    from raylab.tasks.detection.config import DetectionConfig
+    from raylab.tasks.detection.task import LOSS_KEYS, DetectionTask, build_model
+    from raylab.transforms.detection_batch import to_torchvision_targets
+
+    dev = torch.device(DEVICE)
+    cfg = cfglib.apply_overrides(DetectionConfig(), {
+        "image_size": size, "precision": "bf16", "optim.batch_size": batch,
+        "optim.warmup_iters": 0})
+    data = _shape_batch(batch, size)
+    categories = [{"id": i, "name": str(i)} for i in range(1, 81)]
+    shards = {"train": InMemoryShard(data), "test": InMemoryShard(data, split="eval")}
+    task = DetectionTask(cfg, {"split": "test", "categories": categories,
+                               "train_rows": 1000, "checkpoint_meta": {}},
+                         LocalContext(shards, device=dev))
+    task.start_epoch(0)
+    state = TrainState()
+    def ours() -> None:
+        task.train_step(data, state, False)
+
+    t_ours = _time(ours, warmup, iters)
+    params = sum(p.numel() for p in task.inner.parameters())
+    task.model = task.inner = task.optimizer = None  # free its memory for the plain model
+    torch.cuda.empty_cache()
+
+    model = build_model(cfg, 81).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    images, targets = to_torchvision_targets(data, dev)
+
+    def plain() -> None:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            losses = model(images, targets)
+        loss = sum(losses[k] for k in LOSS_KEYS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_plain = _time(plain, warmup, iters)
+    return {"model": "ViTDet-B (vit_base_patch16_224) Mask R-CNN", "params": params,
+            "batch": batch, "image_size": size, "precision": "bf16",
+            "raylab_step_s": round(t_ours, 4), "plain_step_s": round(t_plain, 4),
+            "ratio": round(t_plain / t_ours, 3), "raylab_img_per_s": round(batch / t_ours, 2),
+            "plain_img_per_s": round(batch / t_plain, 2),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
 def steps(which: str = "all") -> dict[str, Any]:
     """The step figures of ``which`` (``convnext``, ``dino`` or ``all``) on this GPU."""
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(0),
@@ -192,11 +282,13 @@ def steps(which: str = "all") -> dict[str, Any]:
         result["convnext"] = bench_convnext()
     if which in ("dino", "all"):
         result["dino"] = bench_dino()
+    if which in ("vitdet", "all"):
+        result["vitdet"] = bench_vitdet()
     return result
 
 
 def bench_steps(opts: Any) -> dict[str, Any]:
-    """``raylab bench gpu-steps [--only convnext|dino]``."""
+    """``raylab bench gpu-steps [--only convnext|dino|vitdet]``."""
     from raylab.errors import RaylabError
 
     if not torch.cuda.is_available():
