@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,18 @@ class BenchOptions:
     out: str | None = None
     only: list[str] | None = None
     tmp: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+
+
+def shared_data() -> Path:
+    """The real-data folder: ``$RAYLAB_DATA``, else ``shared/data`` beside the checkout
+    (``../shared/data`` from the repository's root)."""
+    default = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(os.environ.get("RAYLAB_DATA", default))
+
+
+def say_data(what: str) -> None:
+    """Print which data a benchmark measures on (a fallback must never be silent)."""
+    print(f"bench data: {what}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -88,4 +101,5 @@ def run(name: str, options: BenchOptions | None = None) -> dict[str, Any]:
     return result
 
 
-__all__ = ["BENCHES", "COMMAND_START", "Bench", "BenchOptions", "run"]
+__all__ = ["BENCHES", "COMMAND_START", "Bench", "BenchOptions", "run", "say_data",
+           "shared_data"]

@@ -15,7 +15,6 @@ once for all runs. Each run writes a ``summary.json`` in the method's format, so
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions
+from raylab.bench import BenchOptions, say_data, shared_data
 from raylab.continual.rows import FeatureRows, FrozenEmbedding, ImageRows
 from raylab.continual.stream import StreamService
 from raylab.data.clear import convert_clear, is_stream, write_clear_sample
@@ -57,10 +56,14 @@ def stream_folder(data: str | None, tmp: Path) -> str:
     """A converted stream: ``data`` itself, or the synthetic drift stream (11 buckets x 400
     images) written from ``data`` or the CIFAR-10 subset."""
     if data and is_stream(data):
+        say_data(f"stream {data}")
         return str(Path(data).resolve())
-    src = Path(data) if data else Path(os.environ.get(
-        "RAYLAB_DATA", Path(__file__).parents[2] / "shared" / "data")) / "cifar10"
-    if not src.is_dir():
+    src = Path(data) if data else shared_data() / "cifar10"
+    if src.is_dir():
+        say_data(f"a synthetic drift stream drawn from {src}")
+    else:
+        say_data(f"a synthetic drift stream drawn from SYNTHETIC shapes (no images at {src}; "
+                 "set RAYLAB_DATA)")
         src = write_image_sample(tmp / "shapes", classes=10, train_per_class=300,
                                  test_per_class=100)
     write_clear_sample(src, tmp / "clear_raw", n_buckets=11, per_class_per_bucket=40, seed=0)

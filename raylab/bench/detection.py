@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions
+from raylab.bench import BenchOptions, say_data, shared_data
 from raylab.data.coco import convert_coco
 from raylab.data.detection_sample import convert_sample, write_detection_sample
 from raylab.data.shards import iter_rows
 from raylab.engine.schedules import set_lr
+from raylab.errors import DataError
 from raylab.methods.detection import DetectionConfig, DetectionMethod
 from raylab.optim import build_optimizer
 from raylab.runtime.cluster import ensure_ray
@@ -106,7 +107,9 @@ def bench_detection_sample(opts: BenchOptions) -> dict[str, Any]:
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     if opts.data:
         data = opts.data
+        say_data(f"detection shards {data}")
     else:
+        say_data("the SYNTHETIC detection sample (128 train / 32 val images, 128 px)")
         raw = write_detection_sample(tmp / "raw", images=128, val_images=32, size=128,
                                      classes=3)
         data = str(convert_sample(raw, tmp / "shards"))
@@ -127,8 +130,10 @@ def bench_detection_sample(opts: BenchOptions) -> dict[str, Any]:
 
 def bench_detection_coco128(opts: BenchOptions) -> dict[str, Any]:
     epochs, tmp = max(opts.epochs, 1), opts.tmp
-    root = Path(opts.data or Path(os.environ.get(
-        "RAYLAB_DATA", Path(__file__).parents[2].parent / "shared" / "data")) / "coco128")
+    root = Path(opts.data) if opts.data else shared_data() / "coco128"
+    if not root.is_dir():
+        raise DataError(f"no coco128 at {root}: set RAYLAB_DATA or pass --data", path=root)
+    say_data(f"coco128 at {root}")
     shards = tmp / "coco128"
     for split in ("train2017", "val2017"):
         convert_coco(root / "images" / split, root / "annotations" / f"instances_{split}.json",

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions
+from raylab.bench import BenchOptions, say_data, shared_data
 from raylab.data.imagefolder import (
     class_names,
     convert_imagefolder,
@@ -48,14 +47,18 @@ from raylab.transforms.images import DeviceNormalize, build_transform, decode_im
 def image_shards(data: str | None, tmp: Path) -> str:
     """A shard folder: ``data`` itself, ``data`` converted from an ImageFolder, or CIFAR."""
     if data and (Path(data) / "manifest.json").is_file():
+        say_data(f"shards {data}")
         return str(Path(data).resolve())
     src: Path
     if data:
         src = Path(data)
+        say_data(f"ImageFolder {src}")
     else:
-        root = Path(os.environ.get("RAYLAB_DATA", Path(__file__).parents[2] / "shared" / "data"))
-        src = root / "cifar10"
-        if not src.is_dir():
+        src = shared_data() / "cifar10"
+        if src.is_dir():
+            say_data(f"the real CIFAR-10 subset at {src}")
+        else:
+            say_data(f"SYNTHETIC shapes (no CIFAR-10 at {src}; set RAYLAB_DATA)")
             src = write_image_sample(tmp / "raw", classes=10, train_per_class=200,
                                      test_per_class=50)
     convert_imagefolder(src, tmp / "image_shards")

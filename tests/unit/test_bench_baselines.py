@@ -33,3 +33,17 @@ def test_a_failing_rank_raises():
     y = y + 10  # labels outside the 3 classes: cross-entropy fails in every rank
     with pytest.raises(RuntimeError, match="plain DDP baseline: a process exited with"):
         bench._plain_ddp_samples_per_s(_cfg(), x, y, world=2)
+
+
+def test_benches_find_the_shared_data_beside_the_checkout(monkeypatch) -> None:
+    """The real-data default is ../shared/data from the repository root (a bench that
+    silently fell back to a synthetic sample once measured the wrong data)."""
+    from pathlib import Path
+
+    from raylab.bench import shared_data
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("RAYLAB_DATA", raising=False)
+    assert shared_data() == repo.parent / "shared" / "data"
+    monkeypatch.setenv("RAYLAB_DATA", "/somewhere/else")
+    assert shared_data() == Path("/somewhere/else")
