@@ -60,12 +60,12 @@ def tiny_clear_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def detection_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SYNTHETIC detection sample (coloured shapes with exact masks, 3 classes, 96 px):
-    48 training and 12 validation images, each split converted to coco shards."""
+    """The SYNTHETIC detection sample (coloured shapes with exact masks, 3 classes, 64 px):
+    32 training and 8 validation images, each split converted to coco shards."""
     from raylab.data.detection_sample import convert_sample, write_detection_sample
 
     root = tmp_path_factory.mktemp("detection_sample")
-    write_detection_sample(root / "raw", images=48, val_images=12, size=96, classes=3)
+    write_detection_sample(root / "raw", images=32, val_images=8, size=64, classes=3)
     return convert_sample(root / "raw", root / "shards")
 
 
