@@ -37,8 +37,10 @@ from raylab.tasks.detection.task import LOSS_KEYS, build_model, lr_schedule
 from raylab.transforms.detection_batch import detection_batch_transform, to_torchvision_targets
 
 #: A CPU budget on the 128 px sample: what each model trains with (besides its own keys).
+#: From random init, so no layer-wise lr decay (a fine-tuning device) and a larger lr.
 SAMPLE_BUDGET = {"image_size": 128, "optim.batch_size": 8, "optim.reference_batch": 8,
-                 "optim.lr": 2e-4, "optim.warmup_iters": 20, "optim.schedule": "cosine",
+                 "optim.lr": 1e-3, "optim.layer_decay": None, "optim.warmup_iters": 20,
+                 "optim.schedule": "cosine",
                  "aug.scale_range": [0.5, 1.5], "eval_every": 5, "checkpoint_every": 1000,
                  "channels": 64, "drop_path": 0.0, "report_images": 4}
 MODELS = {

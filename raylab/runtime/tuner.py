@@ -147,6 +147,23 @@ def resume_search(experiment_dir: str | Path) -> dict[str, Any]:
     return _finish(spec, grid)
 
 
+def _done_trials(spec: dict[str, Any], grid: Any) -> int:
+    """Trials that finished (or failed) for good.
+
+    The in-memory grid of an interrupted search counts the trial that was running at
+    SIGINT as terminated; the experiment state Tune saves for ``--resume`` has it as
+    pending, so that state decides when it is on local storage.
+    """
+    folder = local_path(spec["storage"], spec["experiment"])
+    if folder is not None:
+        try:
+            trials = tune.ExperimentAnalysis(str(folder)).trials
+            return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        except Exception:  # noqa: BLE001 - unreadable state: fall back to the grid
+            pass
+    return grid.num_terminated + grid.num_errors
+
+
 def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
     """Fail if every trial failed; say how to resume when the search was interrupted."""
     errors = [r.error for r in grid if r.error is not None]
@@ -154,8 +171,7 @@ def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
         raise TrialFailed(f"all {len(grid)} trials failed; first error: "
                           f"{str(errors[0]).strip().splitlines()[-1]}")
     # Trials Tune never created (still in the searcher) are missing from the grid.
-    done = grid.num_terminated + grid.num_errors
-    spec = dict(spec, unfinished=max(spec["trials"] - done, 0))
+    spec = dict(spec, unfinished=max(spec["trials"] - _done_trials(spec, grid), 0))
     if spec["unfinished"]:
         where = f"{spec['storage'].rstrip('/')}/{spec['experiment']}"
         print(f"search interrupted with {spec['unfinished']} trial(s) to go; continue with: "
