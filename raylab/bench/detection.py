@@ -42,7 +42,11 @@ SAMPLE_BUDGET = {"image_size": 128, "optim.batch_size": 8, "optim.reference_batc
                  "optim.lr": 1e-3, "optim.layer_decay": None, "optim.warmup_iters": 20,
                  "optim.schedule": "cosine",
                  "aug.scale_range": [0.5, 1.5], "eval_every": 5, "checkpoint_every": 1000,
-                 "channels": 64, "drop_path": 0.0, "report_images": 4}
+                 "channels": 64, "drop_path": 0.0, "report_images": 4,
+                 # The paper's 2000 proposals and 512 RoIs per image are sized for 1024 px
+                 # COCO images with dozens of objects; a 128 px image holds a few.
+                 "rpn_proposals_train": 300, "rpn_proposals_test": 200,
+                 "roi_batch_size": 128}
 MODELS = {
     # ViT-Tiny width, 6 blocks, 8 px patches: a 16x16 token grid at 128 px, windows of 8.
     "vitdet": {"backbone": "vitdet", "model": "vit_tiny_patch16_224",
