@@ -329,9 +329,9 @@ def _first_step_of_raylab(shards: str, storage: Path, name: str) -> float:
 
 
 def _first_step_of_bare(shards: str, storage: Path) -> float:
-    """Seconds from starting the bare Ray Train script (:mod:`raylab.bench.bare_trainer`)
+    """Seconds from starting the bare Ray Train script (:mod:`raylab.runtime.bare_trainer`)
     to its first optimizer step."""
-    out = subprocess.run([sys.executable, "-m", "raylab.bench.bare_trainer", shards,
+    out = subprocess.run([sys.executable, "-m", "raylab.runtime.bare_trainer", shards,
                           str(storage)], check=True, capture_output=True, text=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["first_step_s"])
 

@@ -174,18 +174,8 @@ def modules() -> dict[str, set[str]]:
     return found
 
 
-#: Modules outside runtime/ that must use Ray directly, and why.
-RAY_ON_PURPOSE = {
-    # The baseline of `raylab bench startup`: what a user writes with Ray Train alone,
-    # so by definition it cannot go through raylab's runtime.
-    "raylab.bench.bare_trainer",
-}
-
-
 def test_ray_is_imported_only_under_runtime(modules: dict[str, set[str]]) -> None:
-    found = ray_imports(modules)
-    assert set(found) >= RAY_ON_PURPOSE, "an exception no longer needed: drop it"
-    assert {m: i for m, i in found.items() if m not in RAY_ON_PURPOSE} == {}
+    assert ray_imports(modules) == {}
 
 
 def test_every_package_is_in_a_layer(modules: dict[str, set[str]]) -> None:

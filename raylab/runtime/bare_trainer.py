@@ -1,11 +1,14 @@
 """The baseline of ``raylab bench startup``: the same first step with Ray Train alone.
 
+It lives under ``runtime/`` because it talks to Ray directly (the house rule: only this
+package imports Ray); it uses none of raylab's runtime, which is the point of a baseline.
+
 What a user writes with Ray Train and no raylab: ``ray.init()``, the Suturing trials of
 fold ``supertrial1`` read with Ray Data, z-normalised with the training trials' statistics
 and cut into W=60/L=30 windows in ``map_batches``, and a 1-worker ``TorchTrainer`` whose
 train function takes one AdamW step of the same network on the first batch of 64 windows
 (local shuffle buffer 4096, as raylab's default). It prints the seconds from process start
-to that step. ``python -m raylab.bench.bare_trainer SHARDS STORAGE``.
+to that step. ``python -m raylab.runtime.bare_trainer SHARDS STORAGE``.
 """
 
 from __future__ import annotations
