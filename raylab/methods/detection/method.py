@@ -71,8 +71,9 @@ class DetectionMethod(Method):
     def plan(self, cfg: DetectionConfig, data: DetectionData, tune: bool) -> list[RunPlan]:
         """``train`` scores the evaluation split; a Tune trial scores ``val_fraction`` of
         the training images (by a hash of the image id), which it does not train on."""
-        if tune:
-            return [RunPlan(VAL, VAL, len(holdout_ids(data.train_paths, cfg.val_fraction)))]
+        if tune:  # the held-out image ids travel in the plan (read once)
+            held_out = holdout_ids(data.train_paths, cfg.val_fraction)
+            return [RunPlan(VAL, VAL, len(held_out), data=held_out)]
         return [RunPlan(RUN, TEST, data.eval_rows)]
 
     def inputs(self, cfg: DetectionConfig, data: DetectionData, plan: RunPlan
@@ -81,8 +82,7 @@ class DetectionMethod(Method):
         if plan.split == VAL:
             train = train_dataset(data.train_paths, cfg, labels, hold_out=False)
             evaluate = eval_dataset(data.train_paths, cfg, labels, hold_out=True)
-            train_rows = data.train_rows - len(holdout_ids(data.train_paths,
-                                                           cfg.val_fraction))
+            train_rows = data.train_rows - len(plan.data)
         else:
             train = train_dataset(data.train_paths, cfg, labels)
             evaluate = eval_dataset(data.eval_paths, cfg, labels)
@@ -97,11 +97,20 @@ class DetectionMethod(Method):
                      ) -> set[str]:
         """The image ids the plan's evaluation scores (COCO ids are unique across splits)."""
         if plan.split == VAL:
-            return {str(i) for i in holdout_ids(data.train_paths, cfg.val_fraction)}
+            return {str(i) for i in plan.data}
         return {str(i) for i in row_ids(data.eval_paths)}
 
+    def _params(self, cfg: DetectionConfig, num_classes: int) -> int:
+        """The detector's parameter count, built once per config (a ViT-B Mask R-CNN takes
+        seconds to build; ``describe`` and ``summarise`` both report it)."""
+        counts = self.__dict__.setdefault("_param_counts", {})
+        key = (repr(cfglib.to_dict(cfg)), num_classes)
+        if key not in counts:
+            counts[key] = count_params(build_model(cfg, num_classes))
+        return counts[key]
+
     def describe(self, cfg: DetectionConfig, options: RunOptions, data: DetectionData) -> None:
-        params = count_params(build_model(cfg, data.num_classes))
+        params = self._params(cfg, data.num_classes)
         o = cfg.optim
         kind = (f"ViTDet {cfg.model} (window {cfg.window_size}, global blocks "
                 f"{cfg.global_blocks}, propagation {cfg.propagation}, pyramid {cfg.pyramid})"
@@ -135,7 +144,7 @@ class DetectionMethod(Method):
             "segm": ap["segm"],
             "train_loss": _number(m.get("train_loss")),
             "train_img_per_s": _number(m.get("img_per_s")),
-            "params": count_params(build_model(cfg, data.num_classes)),
+            "params": self._params(cfg, data.num_classes),
             "checkpoint": result.checkpoint,
             "seconds": round(result.seconds, 1),
         }
