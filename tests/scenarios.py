@@ -110,11 +110,8 @@ def _detection_rows(split: str, transform: Any, evaluation: bool) -> dict[str, A
     per-row boxes and masks as object arrays), jittered once with a fixed seed."""
     import tempfile
 
-    import numpy as np
-
     from raylab.data.detection_sample import convert_sample, write_detection_sample
-    from raylab.data.shards import iter_rows
-    from raylab.tasks.detection.data import COLUMNS, eval_batch
+    from raylab.tasks.detection.data import eval_batch, read_batch
     from raylab.transforms.detection_batch import contiguous_label_map, detection_batch_transform
 
     global _DETECTION_SAMPLE
@@ -126,10 +123,7 @@ def _detection_rows(split: str, transform: Any, evaluation: bool) -> dict[str, A
         atexit.register(shutil.rmtree, root, ignore_errors=True)
         write_detection_sample(root / "raw", images=12, val_images=5, size=64, classes=2)
         _DETECTION_SAMPLE = convert_sample(root / "raw", root / "shards")
-    rows = list(iter_rows(_DETECTION_SAMPLE / split, columns=COLUMNS))
-    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
-    for k in ("image_id", "width", "height"):
-        batch[k] = batch[k].astype(np.int64)
+    batch = read_batch(_DETECTION_SAMPLE / split)
     labels = contiguous_label_map([1, 2])
     if evaluation:
         return eval_batch(batch, transform, labels)

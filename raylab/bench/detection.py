@@ -18,21 +18,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from raylab import config as cfglib
 from raylab.bench import BenchOptions, say_data, shared_data
 from raylab.data.coco import convert_coco
 from raylab.data.detection_sample import convert_sample, write_detection_sample
-from raylab.data.shards import iter_rows
 from raylab.engine.schedules import set_lr
 from raylab.errors import DataError
 from raylab.methods.detection import DetectionConfig, DetectionMethod
 from raylab.optim import build_optimizer
 from raylab.runtime.cluster import ensure_ray
 from raylab.runtime.options import RunOptions
-from raylab.tasks.detection.data import COLUMNS, load_detection_data, train_transform
+from raylab.tasks.detection.data import load_detection_data, read_batch, train_transform
 from raylab.tasks.detection.task import LOSS_KEYS, build_model, lr_schedule
 from raylab.transforms.detection_batch import detection_batch_transform, to_torchvision_targets
 
@@ -65,15 +63,13 @@ def plain_rate(cfg: DetectionConfig, steps: int, warmup: int = 3) -> float:
     """Images/s of the same model and step in a plain loop over batches jittered once in
     memory: no Ray, no engine, one process with the machine's threads."""
     data = load_detection_data(cfg)
-    rows = list(iter_rows(data.train_folder, columns=COLUMNS))
-    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
-    for k in ("image_id", "width", "height"):
-        batch[k] = batch[k].astype(np.int64)
+    batch = read_batch(data.train_folder)
+    count = len(batch["image_id"])
     jittered = detection_batch_transform(batch, train_transform(cfg), label_map=data.label_map,
                                          seed=0)
     size = cfg.optim.batch_size
     batches = [{k: v[i:i + size] for k, v in jittered.items()}
-               for i in range(0, len(rows) - size + 1, size)]
+               for i in range(0, count - size + 1, size)]
     model = build_model(cfg, data.num_classes)
     model.train()
     optimizer = build_optimizer(model, "adamw", lr=cfg.optim.effective_lr,

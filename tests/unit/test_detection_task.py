@@ -16,10 +16,9 @@ import torch
 from pycocotools import mask as mask_utils
 
 from raylab import config as cfglib
-from raylab.data.shards import iter_rows
 from raylab.metrics.detection import coco_eval
 from raylab.tasks.detection.config import DetectionConfig
-from raylab.tasks.detection.data import COLUMNS, eval_batch
+from raylab.tasks.detection.data import eval_batch, read_batch
 from raylab.tasks.detection.task import ground_truth_rows, lr_schedule
 from raylab.transforms.detection import ResizePad
 from raylab.transforms.detection_batch import contiguous_label_map
@@ -42,10 +41,7 @@ def test_two_workers_stay_identical_and_score_each_image_once() -> None:
 def _sample_rows(split: str) -> tuple[dict, dict]:
     scenarios._detection_rows(split, ResizePad(64), True)  # makes the sample
     folder = scenarios._DETECTION_SAMPLE / split
-    rows = list(iter_rows(folder, columns=COLUMNS))
-    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
-    for k in ("image_id", "width", "height"):
-        batch[k] = batch[k].astype(np.int64)
+    batch = read_batch(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     source = json.loads(open(manifest["extra"]["source_json"]).read())
     return batch, source

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raylab.data.coco import coco_manifest
-from raylab.data.shards import MANIFEST, shard_paths
+from raylab.data.shards import MANIFEST, iter_rows, shard_paths
 from raylab.errors import DataError
 from raylab.runtime.datasets import read_shards
 from raylab.tasks.classification.data import HoldOut, in_val
@@ -175,6 +175,16 @@ def eval_batch(batch: dict[str, np.ndarray], transform: ResizePad,
     for key in GROUND_TRUTH:
         out[GT_PREFIX + key] = batch[key]
     return out
+
+
+def read_batch(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every row of a coco shard folder as one numpy batch, as Ray Data hands a
+    ``map_batches`` function (per-row lists as object arrays): for plain loops and tests."""
+    rows = list(iter_rows(folder, columns=COLUMNS))
+    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
+    for k in ("image_id", "width", "height"):
+        batch[k] = batch[k].astype(np.int64)
+    return batch
 
 
 def keep_numpy(batch: dict[str, Any]) -> dict[str, Any]:
