@@ -1,16 +1,20 @@
-"""Trained backbones as frozen feature extractors, for any method that reuses one.
+"""Trained backbones for any method that reuses one.
 
 A DINO checkpoint (``raylab train dino``) holds the student (``model``) and the teacher
 (``ema``) with the config that built them; :func:`load_backbone` rebuilds the timm backbone
-and loads its weights. CLEAR's "unsupervised representation" rows use it today; STEGO and
-frozen-backbone detection will.
+and loads its weights (CLEAR's "unsupervised representation" rows use it).
+:func:`pretrained_weights` reads the backbone weights of a DINO *or* a classifier run
+(``raylab train convnext``: a whole timm model, with its EMA copy when the run kept one)
+for a model that holds the same timm network under other names (the detection backbones).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from raylab.engine.checkpoint import load_checkpoint, load_meta
@@ -19,6 +23,56 @@ from raylab.models.dino import build_backbone
 
 #: Methods whose checkpoints hold a backbone under ``backbone.`` in their weights.
 BACKBONE_METHODS = ("dino",)
+#: Methods whose checkpoints hold a whole timm classifier, named by ``config["model"]``.
+CLASSIFIER_METHODS = ("convnext",)
+#: ``which`` -> the state key: the averaged copy (DINO's teacher is its EMA) or the trained
+#: model (DINO's student). ``auto`` takes the averaged copy when the run kept one.
+WEIGHT_KEYS = {"teacher": "ema", "ema": "ema", "student": "model", "model": "model"}
+WHICH = ("auto", *WEIGHT_KEYS)
+
+
+@dataclass
+class PretrainedWeights:
+    """A backbone's weights as its timm model names them (no ``backbone.`` prefix)."""
+
+    method: str
+    arch: str
+    which: str
+    state: dict[str, torch.Tensor]
+
+
+def pretrained_weights(checkpoint: str | Path, which: str = "auto") -> PretrainedWeights:
+    """The backbone weights of a raylab DINO or classifier checkpoint (or its ``model``
+    export).
+
+    Args:
+        which: ``auto`` (the EMA/teacher copy when saved, else the trained model),
+            ``teacher``/``ema`` or ``student``/``model``.
+
+    Raises:
+        CheckpointError: Neither kind of checkpoint, or no such weights in it.
+    """
+    if which not in WHICH:
+        raise CheckpointError(f"backbone weights must be one of {list(WHICH)}, got {which!r}")
+    meta = load_meta(checkpoint)
+    method = meta.get("method")
+    if method not in BACKBONE_METHODS + CLASSIFIER_METHODS:
+        raise CheckpointError(f"{checkpoint}: method {method!r} holds no backbone to reuse "
+                              f"(one of {list(BACKBONE_METHODS + CLASSIFIER_METHODS)})")
+    config = meta.get("config") or {}
+    arch = config.get("arch" if method in BACKBONE_METHODS else "model")
+    if not arch:
+        raise CheckpointError(f"{checkpoint}: meta.json's config names no model")
+    state = load_checkpoint(checkpoint)
+    key = WEIGHT_KEYS.get(which) or ("ema" if isinstance(state.get("ema"), dict) else "model")
+    weights = state.get(key)
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{checkpoint}: holds no {key} weights (the run kept none); "
+                              f"ask for the trained model's (model/student)")
+    if method in BACKBONE_METHODS:
+        prefix = "backbone."
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return PretrainedWeights(method=method, arch=str(arch), which=key, state=weights)
 
 
 def backbone_from_config(config: dict[str, Any], drop_path_rate: float = 0.0) -> nn.Module:

@@ -38,7 +38,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from raylab.errors import ConfigError
+from raylab.errors import CheckpointError, ConfigError
+from raylab.models.backbones import WHICH, PretrainedWeights, pretrained_weights
 from raylab.models.timm_names import check_timm_model
 from raylab.models.vitdet import ViTDet, layer_id, load_vitdet_weights
 
@@ -90,10 +91,13 @@ class DetectorConfig:
     #: RoIs sampled per image for the box and mask losses (25 % positive at most).
     roi_batch_size: int = 512
     detections_per_image: int = 100
-    #: A raylab DINO checkpoint folder whose ViT initialises the trunk ("" for none).
+    #: A raylab checkpoint folder whose network initialises the backbone ("" for none): a
+    #: DINO run's ViT into the ViTDet trunk, a classifier run's (``raylab train convnext``)
+    #: ViT or CNN into the trunk or the CNN body.
     backbone_checkpoint: str = ""
-    #: ``"teacher"`` or ``"student"`` weights of that checkpoint.
-    backbone_weights: str = "teacher"
+    #: Which weights of it: ``auto`` (the EMA / DINO teacher when saved, else the trained
+    #: model), ``teacher``/``ema`` or ``student``/``model``.
+    backbone_weights: str = "auto"
     #: Freeze the pretrained trunk / CNN body (weights and BatchNorm statistics).
     freeze_backbone: bool = False
 
@@ -111,8 +115,9 @@ class DetectorConfig:
                 raise ConfigError(f"{key} must be an integer >= 2, got {value!r}")
         if self.image_size % 32:
             raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
-        if self.backbone == "cnn" and self.backbone_checkpoint:
-            raise ConfigError("backbone_checkpoint loads a DINO ViT; the cnn backbone has none")
+        if self.backbone_weights not in WHICH:
+            raise ConfigError(f"backbone_weights must be one of {list(WHICH)}, got "
+                              f"{self.backbone_weights!r}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ConfigError("image_mean and image_std need 3 values (RGB)")
 
@@ -155,6 +160,7 @@ class TimmFPN(nn.Module):
         channels = self.body.feature_info.channels()
         self.fpn = FeaturePyramidNetwork([channels[i] for i in self.levels], out_channels,
                                          extra_blocks=LastLevelMaxPool())
+        self.model_name = model_name
         self.out_channels = int(out_channels)
         self.strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
         self.featmap_names = ["p2", "p3", "p4", "p5"]
@@ -166,6 +172,41 @@ class TimmFPN(nn.Module):
                                                                    self.levels)))
         out["p6"] = out.pop("pool")
         return out
+
+    def load_body_weights(self, weights: PretrainedWeights) -> list[str]:
+        """Copy a timm CNN's weights (a classifier's or DINO's, as the whole model names
+        them) into the body. timm's feature wrapper renames top-level modules
+        (``stages.0`` -> ``stages_0``), so names match with dots and underscores alike.
+
+        Returns:
+            The source's names not used (the classifier head, a final norm, ...).
+
+        Raises:
+            CheckpointError: A body tensor the weights lack, or of another shape.
+        """
+        def plain(name: str) -> str:
+            return name.replace(".", "_")
+
+        source = {plain(k): (k, v) for k, v in weights.state.items()}
+        own = self.body.state_dict()
+        update, missing = {}, []
+        for name, tensor in own.items():
+            found = source.get(plain(name))
+            if found is None:
+                missing.append(name)
+            elif found[1].shape != tensor.shape:
+                raise CheckpointError(f"{weights.arch} weight {found[0]!r} has shape "
+                                      f"{tuple(found[1].shape)}, the {self.model_name} body "
+                                      f"needs {tuple(tensor.shape)}")
+            else:
+                update[name] = found[1]
+        if missing:
+            raise CheckpointError(f"the {weights.method} weights of {weights.arch} lack "
+                                  f"{len(missing)} tensors of the {self.model_name} body, "
+                                  f"e.g. {missing[:3]} (set model={weights.arch})")
+        self.body.load_state_dict(update)
+        used = {plain(k) for k in update}
+        return sorted(k for k in weights.state if plain(k) not in used)
 
 
 class FixedSizeTransform(GeneralizedRCNNTransform):
@@ -196,6 +237,12 @@ def build_detection_backbone(cfg: DetectorConfig) -> ViTDet | TimmFPN:
     as ``cfg`` says)."""
     if cfg.backbone == "cnn":
         backbone = TimmFPN(cfg.model, cfg.channels, cfg.drop_path, **cfg.model_kwargs)
+        if cfg.backbone_checkpoint:
+            weights = pretrained_weights(cfg.backbone_checkpoint, cfg.backbone_weights)
+            try:
+                backbone.load_body_weights(weights)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{cfg.backbone_checkpoint}: {exc}") from None
         if cfg.freeze_backbone:
             backbone.body = freeze_batch_norm_2d(backbone.body)
             backbone.body.requires_grad_(False)

@@ -50,6 +50,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from raylab.errors import CheckpointError, ConfigError
+from raylab.models.backbones import pretrained_weights
 from raylab.models.timm_names import check_timm_model
 
 PROPAGATIONS = ("global", "none", "conv")
@@ -534,13 +535,17 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def load_vitdet_weights(backbone: ViTDet, checkpoint_dir: str | Path,
-                        which: str = "teacher") -> list[str]:
-    """Load the ViT of a raylab DINO checkpoint (:func:`raylab.models.backbones.load_backbone`)
-    into ``backbone``'s trunk; see :meth:`ViTDet.load_vit_weights`.
+                        which: str = "auto") -> list[str]:
+    """Load the ViT of a raylab DINO or classifier checkpoint
+    (:func:`raylab.models.backbones.pretrained_weights`) into ``backbone``'s trunk; see
+    :meth:`ViTDet.load_vit_weights`.
 
     Raises:
-        CheckpointError: Not a DINO checkpoint, or a ViT that does not fit.
+        CheckpointError: No backbone in the checkpoint, or a ViT that does not fit.
     """
-    from raylab.models.backbones import load_backbone
-
-    return backbone.load_vit_weights(load_backbone(checkpoint_dir, which))
+    weights = pretrained_weights(checkpoint_dir, which)
+    try:
+        return backbone.load_vit_weights(weights.state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint_dir} ({weights.method} {weights.arch}): "
+                              f"{exc}") from None

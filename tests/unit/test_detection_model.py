@@ -4,12 +4,15 @@ size, no resizing, heads, anchors, layer decay, frozen backbones (tiny models, 6
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from raylab.errors import ConfigError
+from raylab.engine.checkpoint import save_checkpoint
+from raylab.errors import CheckpointError, ConfigError
+from raylab.models.backbones import pretrained_weights
 from raylab.models.detection import DetectorConfig, build_detector
 from raylab.models.vitdet import ViTDet
 from raylab.optim.param_groups import param_groups
@@ -172,5 +175,56 @@ def test_config_errors() -> None:
         build_detector(**{**SMALL, "image_size": 100})
     with pytest.raises(ConfigError, match="not a timm model"):
         build_detector(model="vit_no_such_model")
-    with pytest.raises(ConfigError, match="cnn backbone has none"):
-        build_detector(backbone="cnn", model="resnet18", backbone_checkpoint="runs/dino")
+    with pytest.raises(ConfigError, match="backbone_weights must be one of"):
+        build_detector(backbone="cnn", model="resnet18", backbone_weights="best")
+
+
+def _classifier_checkpoint(folder, model_name: str, ema: bool) -> tuple:
+    """A ``raylab train convnext`` checkpoint of ``model_name`` (random weights), with an
+    EMA copy that differs from the model when ``ema``."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=5)
+    average = None
+    if ema:
+        average = timm.create_model(model_name, num_classes=5)
+        with torch.no_grad():
+            for p in average.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(folder, model=model, ema=average, epoch=0,
+                    meta={"method": "convnext", "config": {"model": model_name}})
+    return model, average
+
+
+def test_a_convnext_run_initialises_the_cnn_body(tmp_path) -> None:
+    """The body's stride 4..32 maps equal the classifier's own stage outputs, from the EMA
+    copy under ``auto`` and from the trained model under ``model``."""
+    model, average = _classifier_checkpoint(tmp_path, "convnext_atto", ema=True)
+    x = torch.randn(1, 3, 64, 64)
+    for which, source in (("auto", average), ("model", model)):
+        det = build_detector(**SMALL, backbone="cnn", model="convnext_atto",
+                             backbone_checkpoint=str(tmp_path), backbone_weights=which)
+        source.eval()
+        det.backbone.body.eval()
+        with torch.no_grad():
+            expected = source.forward_intermediates(x, intermediates_only=True)
+            got = det.backbone.body(x)
+        assert len(got) == len(expected) == 4
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+    unused = det.backbone.load_body_weights(pretrained_weights(tmp_path, "model"))
+    assert unused and all(k.startswith("head.") for k in unused), unused
+
+
+def test_backbone_checkpoint_errors(tmp_path) -> None:
+    _classifier_checkpoint(tmp_path / "convnext", "convnext_atto", ema=False)
+    with pytest.raises(CheckpointError, match="set model=convnext_atto"):
+        build_detector(**SMALL, backbone="cnn", model="resnet18",
+                       backbone_checkpoint=str(tmp_path / "convnext"))
+    with pytest.raises(CheckpointError, match="holds no ema weights"):
+        pretrained_weights(tmp_path / "convnext", "ema")
+    assert pretrained_weights(tmp_path / "convnext", "auto").which == "model"
+    save_checkpoint(tmp_path / "skill", model=torch.nn.Linear(2, 2),
+                    meta={"method": "skill", "config": {}})
+    with pytest.raises(CheckpointError, match="holds no backbone"):
+        build_detector(**SMALL, backbone="cnn", model="resnet18",
+                       backbone_checkpoint=str(tmp_path / "skill"))

@@ -337,6 +337,27 @@ def test_load_vitdet_weights_from_a_dino_checkpoint(tmp_path) -> None:
     assert model.blocks[0].rel_pos_h.requires_grad  # the loaded backbone stays trainable
 
 
+def test_load_vitdet_weights_from_a_classifier_checkpoint(tmp_path) -> None:
+    """A ViT trained by ``raylab train convnext --set model=vit_...`` (224 px, 14x14 grid)
+    initialises the trunk; its head and final norm stay unused."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, depth=4, embed_dim=64,
+                            num_heads=2)
+    save_checkpoint(tmp_path, model=vit, epoch=0,
+                    meta={"method": "convnext", "config": {"model": "vit_tiny_patch16_224"}})
+    model = tiny()
+    unused = load_vitdet_weights(model, tmp_path)
+    assert {"cls_token", "head.weight", "norm.weight"} <= set(unused)
+    torch.testing.assert_close(model.blocks[2].attn.qkv.weight, vit.blocks[2].attn.qkv.weight)
+    torch.testing.assert_close(model.pos_embed, resample_pos_embed(vit.pos_embed[:, 1:],
+                                                                   (14, 14), (4, 4)))
+    wider = timm.create_model("vit_tiny_patch16_224", depth=4, embed_dim=96, num_heads=2)
+    save_checkpoint(tmp_path / "wide", model=wider, epoch=0,
+                    meta={"method": "convnext", "config": {"model": "vit_tiny_patch16_224"}})
+    with pytest.raises(CheckpointError, match=r"wide \(convnext vit_tiny_patch16_224\).*shape"):
+        load_vitdet_weights(tiny(), tmp_path / "wide")
+
+
 def test_grad_checkpointing_gives_the_same_output() -> None:
     model = tiny(global_blocks=(1,)).train()
     x = torch.randn(1, 3, 128, 128)
