@@ -111,6 +111,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         os.environ.setdefault(
             "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
         ray.init(
+            # "local" starts a new cluster even when one started by `ray start` runs on
+            # this machine (a bare ray.init() would join it, and then refuse num_cpus);
+            # joining one is what RAY_ADDRESS / --address are for.
+            address="local",
             num_cpus=num_cpus or local_cpus(),
             # The dashboard process also serves the State API, which Train needs to
             # release a Tune-stopped trial's placement group (without it, later trials

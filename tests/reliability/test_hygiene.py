@@ -192,14 +192,17 @@ def test_no_eval_exec_pickle_or_unsafe_yaml_in_package() -> None:
 
 
 def test_local_ray_binds_its_dashboard_to_loopback() -> None:
-    """ensure_ray's ray.init for a local cluster passes dashboard_host='127.0.0.1'."""
+    """ensure_ray's ray.init for a local cluster passes dashboard_host='127.0.0.1', and
+    address='local' (a new cluster, never one that `ray start` left running)."""
     path = PACKAGE / "runtime" / "cluster.py"
-    hosts = [_keyword(call, "dashboard_host")
-             for call, name in _calls(ast.parse(path.read_text()))
+    calls = [call for call, name in _calls(ast.parse(path.read_text()))
              if name == "ray.init" and _keyword(call, "num_cpus") is not None]
-    assert hosts, "no local ray.init(num_cpus=...) found in raylab/runtime/cluster.py"
-    for host in hosts:
+    assert calls, "no local ray.init(num_cpus=...) found in raylab/runtime/cluster.py"
+    for call in calls:
+        host, address = _keyword(call, "dashboard_host"), _keyword(call, "address")
         assert isinstance(host, ast.Constant) and host.value == "127.0.0.1", ast.dump(host)
+        assert isinstance(address, ast.Constant) and address.value == "local", \
+            ast.dump(call)
 
 
 # ------------------------------------------------------------ config values as code
