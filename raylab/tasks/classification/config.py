@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from raylab import config as cfglib
 from raylab.models.timm_names import check_timm_model
+from raylab.optim.config import AdamWConfig
 
 
 @dataclass
@@ -72,49 +73,26 @@ class AugConfig:
 
 
 @dataclass
-class ImageOptimConfig:
+class ImageOptimConfig(AdamWConfig):
     """AdamW with the linear scaling rule, cosine per iteration, warm-up (paper values)."""
 
-    #: Learning rate at ``reference_batch``; the run uses lr * global_batch / reference_batch.
     lr: float = 4e-3
     reference_batch: int = 4096
-    min_lr: float = 1e-6
     weight_decay: float = 0.05
-    #: Global batch (all workers, after gradient accumulation).
     batch_size: int = 128
     epochs: int = 300
-    warmup_epochs: int = 20
     #: Layer-wise lr decay (e.g. 0.8 for fine-tuning); null trains every layer at one lr.
     layer_decay: float | None = None
-    #: Clip the global gradient norm; null leaves gradients alone (the paper does not clip).
+    #: The paper does not clip gradients.
     clip_grad: float | None = None
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    min_lr: float = 1e-6
+    warmup_epochs: int = 20
 
     def validate(self) -> None:
-        cfglib.require(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        super().validate()
         cfglib.require(self.min_lr >= 0, "optim.min_lr", ">= 0", self.min_lr)
-        cfglib.require(self.reference_batch >= 1, "optim.reference_batch", ">= 1",
-                       self.reference_batch)
-        cfglib.require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
-        cfglib.require(self.batch_size >= 1, "optim.batch_size", "an integer >= 1",
-                       self.batch_size)
-        cfglib.require(self.epochs >= 1, "optim.epochs", "an integer >= 1", self.epochs)
         cfglib.require(0 <= self.warmup_epochs < self.epochs, "optim.warmup_epochs",
                        f"an integer in [0, epochs={self.epochs})", self.warmup_epochs)
-        cfglib.require(self.layer_decay is None or 0 < self.layer_decay <= 1,
-                       "optim.layer_decay", "null or in (0, 1]", self.layer_decay)
-        cfglib.require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad",
-                       "null or > 0", self.clip_grad)
-        cfglib.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                       "optim.betas", "two numbers in [0, 1)", self.betas)
-
-    @property
-    def effective_lr(self) -> float:
-        """The lr of the run: ``lr`` scaled linearly from ``reference_batch`` to the global
-        batch."""
-        from raylab.optim import scale_lr
-
-        return scale_lr(self.lr, self.batch_size, self.reference_batch)
 
 
 @dataclass

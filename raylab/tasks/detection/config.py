@@ -16,6 +16,7 @@ from typing import Literal
 
 from raylab import config as cfglib
 from raylab.models.detection import DetectorConfig
+from raylab.optim.config import AdamWConfig
 from raylab.transforms.detection import LSJ, SSJ
 
 JITTERS = {"lsj": LSJ, "ssj": SSJ}
@@ -47,50 +48,30 @@ class DetectionAugConfig:
 
 
 @dataclass
-class DetectionOptimConfig:
+class DetectionOptimConfig(AdamWConfig):
     """AdamW, layer-wise lr decay, warm-up, step (or cosine) decay per iteration."""
 
-    #: Learning rate at ``reference_batch``; the run scales it linearly to ``batch_size``.
     lr: float = 1e-4
     reference_batch: int = 64
     weight_decay: float = 0.1
     #: ViTDet's 0.7 (each block's lr is 0.7x the next's); null: one lr for all.
     layer_decay: float | None = 0.7
-    #: Global batch (all workers).
     batch_size: int = 64
     epochs: int = 100
+    #: The paper does not clip gradients.
+    clip_grad: float | None = None
     warmup_iters: int = 250
     schedule: Literal["step", "cosine"] = "step"
     #: Step decays by 10x at these fractions of the run.
     milestones: list[float] = field(default_factory=lambda: [0.889, 0.963])
-    #: Clip the global gradient norm; null leaves gradients alone (as the paper).
-    clip_grad: float | None = None
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
     def validate(self) -> None:
-        cfglib.require(self.lr > 0, "optim.lr", "a positive number", self.lr)
-        cfglib.require(self.reference_batch >= 1, "optim.reference_batch", ">= 1",
-                       self.reference_batch)
-        cfglib.require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
-        cfglib.require(self.layer_decay is None or 0 < self.layer_decay <= 1,
-                       "optim.layer_decay", "null or in (0, 1]", self.layer_decay)
-        cfglib.require(self.batch_size >= 1, "optim.batch_size", "an integer >= 1",
-                       self.batch_size)
-        cfglib.require(self.epochs >= 1, "optim.epochs", "an integer >= 1", self.epochs)
+        super().validate()
         cfglib.require(self.warmup_iters >= 0, "optim.warmup_iters", ">= 0",
                        self.warmup_iters)
         cfglib.require(list(self.milestones) == sorted(self.milestones)
                        and all(0 < m <= 1 for m in self.milestones), "optim.milestones",
                        "increasing fractions in (0, 1]", self.milestones)
-        cfglib.require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad",
-                       "null or > 0", self.clip_grad)
-        cfglib.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                       "optim.betas", "two numbers in [0, 1)", self.betas)
-
-    @property
-    def effective_lr(self) -> float:
-        """``lr`` scaled linearly from ``reference_batch`` to the global batch."""
-        return self.lr * self.batch_size / self.reference_batch
 
 
 @dataclass
