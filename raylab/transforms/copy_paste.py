@@ -1,0 +1,121 @@
+"""Simple Copy-Paste (Ghiasi et al., CVPR 2021): objects of one image pasted onto another.
+
+Both images arrive already scale-jittered and flipped, each on its own, at the same size
+(:class:`raylab.transforms.detection.ScaleJitter`). :func:`copy_paste` pastes a random
+subset of the source's objects (its size uniform in 0..n) onto the target:
+
+- the pasted pixels replace the target's, through an alpha matte that is the union of the
+  pasted masks, Gaussian-smoothed at its edges when ``blend`` (the masks stay binary);
+- target masks lose the pasted pixels, and every box is recomputed from its mask
+  (``x_min, y_min, x_max + 1, y_max + 1``);
+- a target object is removed when its box moved by more than ``box_thr`` pixels on some
+  side **and** at most ``area_thr`` pixels of its mask are left (the reference's 10 and
+  300); one with no pixel left always goes, and so does a pasted one with none.
+
+Pure numpy (and scipy's Gaussian filter): it runs in Ray Data tasks or a DataLoader alike.
+``rng`` is the only source of randomness, so the same seed gives the same output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from raylab.transforms.detection import masks_to_boxes
+
+#: The keys of a sample :func:`copy_paste` reads and returns (plus ``pasted`` out).
+KEYS = ("image", "masks", "boxes", "labels")
+
+
+def _check(sample: Mapping[str, Any], name: str) -> tuple[int, int]:
+    """The sample's (H, W); ValueError naming the side and the field that is wrong."""
+    missing = [k for k in KEYS if k not in sample]
+    if missing:
+        raise ValueError(f"copy_paste: {name} lacks {missing} (expected keys {list(KEYS)})")
+    extra = sorted(set(sample) - set(KEYS) - {"pasted"})
+    if extra:
+        raise ValueError(f"copy_paste: {name} has keys it cannot carry through: {extra}")
+    image, masks = np.asarray(sample["image"]), np.asarray(sample["masks"])
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"copy_paste: {name}['image'] must be HxWx3 uint8, got "
+                         f"{image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    n = len(sample["labels"])
+    if masks.dtype != bool or masks.shape != (n, h, w):
+        raise ValueError(f"copy_paste: {name}['masks'] must be {n}x{h}x{w} bool (one per "
+                         f"label), got {masks.dtype} {masks.shape}")
+    if np.shape(sample["boxes"]) != (n, 4):
+        raise ValueError(f"copy_paste: {name}['boxes'] must be {n}x4 xyxy, got "
+                         f"{np.shape(sample['boxes'])}")
+    return h, w
+
+
+def paste_alpha(union: np.ndarray, blend: bool, sigma: float) -> np.ndarray:
+    """The paste's alpha matte (float32 in [0, 1]) from the union of the pasted masks:
+    the binary union, or its Gaussian-smoothed version (soft edges, a thin halo)."""
+    alpha = union.astype(np.float32)
+    if blend and sigma > 0 and union.any():
+        alpha = np.clip(gaussian_filter(alpha, sigma=float(sigma)), 0.0, 1.0)
+    return alpha
+
+
+def copy_paste(dst: Mapping[str, Any], src: Mapping[str, Any], rng: np.random.Generator, *,
+               blend: bool = True, sigma: float = 1.0, box_thr: float = 10,
+               area_thr: int = 300) -> dict[str, np.ndarray]:
+    """Paste a random subset of ``src``'s objects onto ``dst`` (see the module's text).
+
+    Args:
+        dst, src: ``{"image": HxWx3 uint8, "masks": NxHxW bool, "boxes": Nx4 xyxy,
+            "labels": N int64}`` of the same image size.
+        rng: The only source of randomness (which objects, how many).
+        blend: Smooth the alpha matte with a Gaussian of ``sigma`` pixels.
+        box_thr, area_thr: The occlusion rule's thresholds (pixels, pixels of area).
+
+    Returns:
+        The four keys for the pasted image (surviving target objects first, in their
+        order, then the pasted ones) and ``"pasted"``: an N-long bool array marking the
+        pasted objects.
+
+    Raises:
+        ValueError: A missing or malformed field, or images of different sizes.
+    """
+    size_dst, size_src = _check(dst, "dst"), _check(src, "src")
+    if size_dst != size_src:
+        raise ValueError(f"copy_paste: dst is {size_dst[0]}x{size_dst[1]} and src "
+                         f"{size_src[0]}x{size_src[1]}; jitter both to the same size first")
+    n_src = len(src["labels"])
+    count = int(rng.integers(0, n_src + 1))
+    chosen = np.sort(rng.choice(n_src, size=count, replace=False)) if count else \
+        np.zeros(0, np.int64)
+    src_masks = np.asarray(src["masks"])[chosen]
+    src_boxes, src_nonempty = masks_to_boxes(src_masks)
+    chosen, src_masks, src_boxes = chosen[src_nonempty], src_masks[src_nonempty], \
+        src_boxes[src_nonempty]
+    union = src_masks.any(axis=0) if len(chosen) else np.zeros(size_dst, bool)
+
+    dst_image = np.asarray(dst["image"])
+    if union.any():
+        alpha = paste_alpha(union, blend, sigma)[..., None]
+        mixed = dst_image * (1.0 - alpha) + np.asarray(src["image"]) * alpha
+        image = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    else:
+        image = dst_image.copy()
+
+    dst_masks = np.asarray(dst["masks"]) & ~union
+    dst_boxes, _ = masks_to_boxes(dst_masks)
+    moved = (np.abs(dst_boxes - np.asarray(dst["boxes"], np.float32)) > box_thr).any(axis=1)
+    area = dst_masks.sum(axis=(1, 2))
+    keep = ~((moved & (area <= area_thr)) | (area == 0))
+
+    labels = np.concatenate([np.asarray(dst["labels"], np.int64)[keep],
+                             np.asarray(src["labels"], np.int64)[chosen]])
+    return {
+        "image": image,
+        "masks": np.concatenate([dst_masks[keep], src_masks]),
+        "boxes": np.concatenate([dst_boxes[keep], src_boxes]).astype(np.float32),
+        "labels": labels,
+        "pasted": np.concatenate([np.zeros(int(keep.sum()), bool), np.ones(len(chosen), bool)]),
+    }
