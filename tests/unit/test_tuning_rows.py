@@ -51,6 +51,8 @@ def test_tuning_never_scores_a_test_row(name: str, samples: dict) -> None:
         run_cfg = cfglib.apply_overrides(cfg, {"folds": [final.name]}) if len(finals) > 1 \
             else cfg
         tuning = method.tune_config(run_cfg)
+        # ASHA compares trials on every epoch's metric, and Tune refuses a result without it.
+        assert getattr(tuning, "eval_every", 1) == 1, f"{name}: a trial skips evaluations"
         (trial,) = method.plan(tuning, method.load(tuning), tune=True)
         tuned = method.eval_row_ids(tuning, data, trial)
         tested = method.eval_row_ids(run_cfg, data, final)

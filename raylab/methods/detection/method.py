@@ -68,6 +68,11 @@ class DetectionMethod(Method):
     def load(self, cfg: DetectionConfig) -> DetectionData:
         return load_detection_data(cfg)
 
+    def tune_config(self, cfg: DetectionConfig) -> DetectionConfig:
+        # ASHA compares trials every epoch (and Tune refuses a result without the metric),
+        # so every epoch of a trial is scored.
+        return cfglib.apply_overrides(cfg, {"eval_every": 1})
+
     def plan(self, cfg: DetectionConfig, data: DetectionData, tune: bool) -> list[RunPlan]:
         """``train`` scores the evaluation split; a Tune trial scores ``val_fraction`` of
         the training images (by a hash of the image id), which it does not train on."""
