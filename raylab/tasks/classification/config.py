@@ -74,17 +74,13 @@ class AugConfig:
 
 @dataclass
 class ImageOptimConfig(AdamWConfig):
-    """AdamW with the linear scaling rule, cosine per iteration, warm-up (paper values)."""
+    """AdamW with the linear scaling rule, cosine per iteration, warm-up (paper values:
+    weight decay 0.05, no gradient clipping, no layer decay; 0.8 suits fine-tuning)."""
 
     lr: float = 4e-3
     reference_batch: int = 4096
-    weight_decay: float = 0.05
     batch_size: int = 128
     epochs: int = 300
-    #: Layer-wise lr decay (e.g. 0.8 for fine-tuning); null trains every layer at one lr.
-    layer_decay: float | None = None
-    #: The paper does not clip gradients.
-    clip_grad: float | None = None
     min_lr: float = 1e-6
     warmup_epochs: int = 20
 
