@@ -58,19 +58,6 @@ def _config(data: str, epochs: int, model: str, **more: Any) -> DetectionConfig:
         "data": data, **SAMPLE_BUDGET, **MODELS[model], "optim.epochs": epochs, **more})
 
 
-class _Rows(torch.utils.data.Dataset):
-    """The rows of a coco shard folder in memory (encoded images, annotations)."""
-
-    def __init__(self, batch: dict[str, Any]) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch["image_id"])
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 class _JitterCollate:
     """DataLoader collate: decode + jitter + pack the batch's rows (in a loader worker)."""
 
@@ -92,7 +79,7 @@ def plain_rate(cfg: DetectionConfig, epochs: int = 3) -> float:
     batch = read_batch(data.train_folder)
     size = cfg.optim.batch_size
     loader = torch.utils.data.DataLoader(
-        _Rows(batch), batch_size=size, shuffle=True, drop_last=True, num_workers=1,
+        range(len(batch["image_id"])), batch_size=size, shuffle=True, drop_last=True, num_workers=1,
         persistent_workers=True, collate_fn=_JitterCollate(batch, cfg, data.label_map))
     model = build_model(cfg, data.num_classes)
     model.train()

@@ -39,6 +39,8 @@ class PretrainedWeights:
     arch: str
     which: str
     state: dict[str, torch.Tensor]
+    #: The run's config (meta.json), which rebuilds the network.
+    config: dict[str, Any]
 
 
 def pretrained_weights(checkpoint: str | Path, which: str = "auto") -> PretrainedWeights:
@@ -72,7 +74,8 @@ def pretrained_weights(checkpoint: str | Path, which: str = "auto") -> Pretraine
     if method in BACKBONE_METHODS:
         prefix = "backbone."
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    return PretrainedWeights(method=method, arch=str(arch), which=key, state=weights)
+    return PretrainedWeights(method=method, arch=str(arch), which=key, state=weights,
+                             config=config)
 
 
 def backbone_from_config(config: dict[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
@@ -96,28 +99,21 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher") -> nn.Module:
         CheckpointError: Not a DINO checkpoint, no such weights, or weights that do not
             fit the saved config's backbone.
     """
-    meta = load_meta(checkpoint)
-    if meta.get("method") not in BACKBONE_METHODS:
+    weights = pretrained_weights(checkpoint, which)
+    if weights.method not in BACKBONE_METHODS:
         raise CheckpointError(f"{checkpoint}: not a DINO checkpoint (method "
-                              f"{meta.get('method')!r})")
-    state = load_checkpoint(checkpoint)
-    weights = state.get("ema" if which == "teacher" else "model")
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{checkpoint}: holds no {which} weights")
-    prefix = "backbone."
-    config = meta.get("config") or {}
+                              f"{weights.method!r})")
     try:
-        backbone = backbone_from_config(config)
+        backbone = backbone_from_config(weights.config)
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint}: meta.json's config has no {exc}") from None
     try:
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                                  if k.startswith(prefix)})
+        backbone.load_state_dict(weights.state)
     except RuntimeError as exc:  # shapes or names that do not fit the saved config
         lines = str(exc).strip().splitlines()
         why = lines[1].strip() if len(lines) > 1 else lines[0]
         raise CheckpointError(f"{checkpoint}: the {which} weights do not fit a "
-                              f"{config.get('arch')} backbone ({why})") from None
+                              f"{weights.arch} backbone ({why})") from None
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
