@@ -110,6 +110,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         # step on 2 cores (BENCHMARKS.md, "Platform overhead").
         os.environ.setdefault(
             "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+        # Ray starts its workers at niceness 15 so that its daemons stay responsive on a
+        # shared node. On a local cluster the training step then loses its share of the
+        # cores to the driver, the daemons and the data tasks: a detection worker stepped
+        # 30 % slower at 15 than at 0 on 2 cores (BENCHMARKS.md, "Detection on CPU").
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             # "local" starts a new cluster even when one started by `ray start` runs on
             # this machine (a bare ray.init() would join it, and then refuse num_cpus);
