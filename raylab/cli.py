@@ -210,8 +210,11 @@ def _method_config(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.data:
         overrides.append(f"data={json.dumps(_abs_data(args.data))}")
     cfg = cfglib.load(method.Config, args.config, overrides)
-    paths = {key: _abs_data(getattr(cfg, key)) for key in method.path_keys
-             if getattr(cfg, key, None)}
+    # Other path keys may also take a name (MiniViT's teacher: a folder or a timm model):
+    # those are made absolute only when they name something on this machine.
+    paths = {key: _abs_data(value) for key in method.path_keys
+             if (value := getattr(cfg, key, None))
+             and (key == "data" or "://" in value or Path(value).expanduser().exists())}
     if paths:
         cfg = cfglib.apply_overrides(cfg, paths)
     return method, cfg

@@ -154,7 +154,43 @@ def detection() -> Scenario:
         {TEST: _detection_rows("val", ResizePad(64), True)})
 
 
-SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino, "detection": detection}
+def minivit() -> Scenario:
+    """A 2-layer ViT-Tiny student sharing all layers, with weight transformation, distilled
+    from a 12-layer ViT-Tiny (weights in a local file) by all three MiniViT losses."""
+    import tempfile
+
+    import timm
+
+    from raylab.methods.minivit import MiniViTConfig
+    from raylab.methods.minivit.task import MiniViTTask
+
+    global _MINIVIT_TEACHER
+    if _MINIVIT_TEACHER is None:
+        import atexit
+        import shutil
+
+        root = Path(tempfile.mkdtemp(prefix="raylab-minivit-scenario-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        torch.manual_seed(7)
+        teacher = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=4)
+        _MINIVIT_TEACHER = root / "teacher.pth"
+        torch.save(teacher.state_dict(), _MINIVIT_TEACHER)
+    return Scenario(MiniViTConfig, MiniViTTask, {
+        "model": "vit_tiny_patch16_224", "input_size": 32, "depth": 2, "drop_path": 0.0,
+        "sharing": "all", "teacher": "vit_tiny_patch16_224",
+        "teacher_weights": str(_MINIVIT_TEACHER), "distill.gt": 0.5,
+        "optim.batch_size": 8, "optim.reference_batch": 8, "optim.lr": 2e-3,
+        "optim.epochs": 3, "optim.warmup_epochs": 1, "aug.mixup": 0.0, "aug.cutmix": 0.0,
+        "aug.re_prob": 0.0, "cache_mb": 0, "shuffle_buffer": 64, "checkpoint_every": 1},
+        {"split": TEST, "num_classes": 4, "train_rows": 24, "class_names": list("abcd"),
+         "checkpoint_meta": {"method": "minivit"}},
+        _images(24, 32, 4, 6), {TEST: _images(13, 32, 4, 7)})
+
+
+_MINIVIT_TEACHER: Path | None = None
+
+SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino, "detection": detection,
+             "minivit": minivit}
 
 
 def context(scenario: Scenario, run_dir: str | Path | None = None,

@@ -24,7 +24,7 @@ from raylab.models.dino import build_backbone
 #: Methods whose checkpoints hold a backbone under ``backbone.`` in their weights.
 BACKBONE_METHODS = ("dino",)
 #: Methods whose checkpoints hold a whole timm classifier, named by ``config["model"]``.
-CLASSIFIER_METHODS = ("convnext",)
+CLASSIFIER_METHODS = ("convnext", "minivit")
 #: ``which`` -> the state key: the averaged copy (DINO's teacher is its EMA) or the trained
 #: model (DINO's student). ``auto`` takes the averaged copy when the run kept one.
 WEIGHT_KEYS = {"teacher": "ema", "ema": "ema", "student": "model", "model": "model"}

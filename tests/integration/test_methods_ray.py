@@ -33,6 +33,9 @@ SMOKE = {
              "--set", "max_train_rows=64"],
     "clear": ["--set", "model=test_resnet", "--set", "input_size=16",
               "--set", "optim.batch_size=8"],
+    "minivit": ["--set", "model=vit_tiny_patch16_224", "--set", "input_size=32",
+                "--set", "patch_size=8", "--set", "depth=2", "--set", "optim.batch_size=16",
+                "--set", "optim.warmup_epochs=0", "--set", "max_train_rows=64"],
     "detection": ["--set", "model=vit_tiny_patch16_224", "--set", "image_size=64",
                   "--set", "model_kwargs={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8}",
                   "--set", "window_size=4", "--set", "global_blocks=[1]", "--set", "channels=16",
@@ -50,7 +53,8 @@ def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path
     images = write_image_sample(root / "raw", classes=4, train_per_class=30, test_per_class=10)
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
-            "clear": tiny_clear_stream, "detection": detection_shards}
+            "clear": tiny_clear_stream, "detection": detection_shards,
+            "minivit": root / "images"}
 
 
 def test_every_method_has_a_smoke_run() -> None:

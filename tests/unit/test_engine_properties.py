@@ -59,7 +59,8 @@ def test_every_method_is_covered() -> None:
     ("convnext", {}),
     ("convnext", {"grad_accum": 2}),
     ("dino", {}),
-], ids=["skill", "convnext", "convnext-accum2", "dino"])
+    ("minivit", {}),
+], ids=["skill", "convnext", "convnext-accum2", "dino", "minivit"])
 def test_two_workers_match_one_process(name: str, overrides: dict) -> None:
     one, one_reports = scenarios.train(name, overrides)
     (w0, r0), (w1, r1) = run_ranks(scenarios.train, 2, name, overrides)

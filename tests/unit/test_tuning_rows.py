@@ -26,12 +26,14 @@ def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path
     images = write_image_sample(root / "raw", classes=4, train_per_class=30, test_per_class=10)
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
-            "clear": tiny_clear_stream, "detection": detection_shards}
+            "clear": tiny_clear_stream, "detection": detection_shards,
+            "minivit": root / "images"}
 
 
 #: Configs small enough to plan (nothing is trained).
 SETTINGS = {"skill": {}, "convnext": {"optim.batch_size": 16},
-            "dino": {"optim.batch_size": 16}, "clear": {}, "detection": {"val_fraction": 0.2}}
+            "dino": {"optim.batch_size": 16}, "clear": {}, "detection": {"val_fraction": 0.2},
+            "minivit": {"optim.batch_size": 16}}
 
 
 def test_every_method_is_covered() -> None:

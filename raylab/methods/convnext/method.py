@@ -14,7 +14,7 @@ warm-up, optional AMP, channels_last, gradient accumulation, ``torch.compile`` a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylab import config as cfglib
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
@@ -33,20 +33,13 @@ from raylab.tasks.classification.data import (
 )
 from raylab.tasks.classification.task import ClassificationTask, build_model
 
-
-def checkpoint_meta(cfg: ConvNeXtConfig, class_names: list[str]) -> dict[str, Any]:
-    return {
-        "method": "convnext",
-        "config": cfglib.to_dict(cfg),
-        "class_names": class_names,
-        "input_size": cfg.input_size,
-    }
+if TYPE_CHECKING:
+    from torch import nn
 
 
-def model_cost(cfg: ConvNeXtConfig, num_classes: int) -> tuple[int, int]:
+def model_cost(model: nn.Module, input_size: int) -> tuple[int, int]:
     """Parameters and multiply-accumulates at the training resolution."""
-    model = build_model(cfg, num_classes)
-    return count_params(model), count_macs(model, (3, cfg.input_size, cfg.input_size))
+    return count_params(model), count_macs(model, (3, input_size, input_size))
 
 
 @register_method
@@ -63,6 +56,14 @@ class ConvNeXtMethod(Method):
         "aug.mixup": "(0.0, 0.8)",
         "aug.cutmix": "(0.0, 1.0)",
     }
+
+    def build_model(self, cfg: ConvNeXtConfig, num_classes: int) -> nn.Module:
+        """The network the workers train (random init), for its cost on the driver."""
+        return build_model(cfg, num_classes)
+
+    def checkpoint_meta(self, cfg: ConvNeXtConfig, class_names: list[str]) -> dict[str, Any]:
+        return {"method": self.name, "config": cfglib.to_dict(cfg),
+                "class_names": class_names, "input_size": cfg.input_size}
 
     def load(self, cfg: ConvNeXtConfig) -> ImageData:
         return load_image_data(cfg)
@@ -86,7 +87,8 @@ class ConvNeXtMethod(Method):
             evaluate = image_dataset(data.eval_paths, cfg, False)
             train_rows = data.train_rows
         args = {"num_classes": len(data.class_names), "train_rows": train_rows,
-                "checkpoint_meta": checkpoint_meta(cfg, data.class_names)}
+                "checkpoint_meta": self.checkpoint_meta(cfg, data.class_names),
+                "class_names": data.class_names}
         return {TRAIN: train, plan.split: evaluate}, args
 
     def eval_row_ids(self, cfg: ConvNeXtConfig, data: ImageData, plan: RunPlan) -> set[str]:
@@ -96,7 +98,7 @@ class ConvNeXtMethod(Method):
         return set(row_paths(data.eval_paths))
 
     def describe(self, cfg: ConvNeXtConfig, options: RunOptions, data: ImageData) -> None:
-        params, macs = model_cost(cfg, len(data.class_names))
+        params, macs = model_cost(self.build_model(cfg, len(data.class_names)), cfg.input_size)
         o = cfg.optim
         print(f"{cfg.model}: {params:,} params, {macs / 1e9:.3f} GMACs at {cfg.input_size} px; "
               f"drop-path {cfg.drop_path_rate}", flush=True)
@@ -112,7 +114,7 @@ class ConvNeXtMethod(Method):
         result = results[0]
         m = result.metrics
         key = lambda name: metric_key(result.plan.split, name)  # noqa: E731
-        params, macs = model_cost(cfg, len(data.class_names))
+        params, macs = model_cost(self.build_model(cfg, len(data.class_names)), cfg.input_size)
         return {
             "method": "convnext",
             "model": cfg.model,

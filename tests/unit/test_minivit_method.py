@@ -1,0 +1,99 @@
+"""MiniViT's method pieces without Ray: config checks, teachers from timm names and local
+weights, the q/k/v and hidden-state hooks, and path keys that may be model names."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from raylab import config as cfglib
+from raylab.errors import ConfigError
+from raylab.methods.minivit.config import MiniViTConfig
+from raylab.methods.minivit.models import (
+    RelationTap,
+    build_student,
+    timm_teacher,
+    token_count,
+)
+
+
+def cfg(**overrides) -> MiniViTConfig:
+    base = {"model": "vit_tiny_patch16_224", "input_size": 32, "patch_size": 8, "depth": 2}
+    return cfglib.from_dict(MiniViTConfig, {**base, **overrides})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sharing": "pairs"}, "'sharing'.*unknown strategy"),
+    ({"sharing": "[[0],[2]]", "depth": 2}, "'sharing'.*once each"),
+    ({"sharing_init": "last"}, "sharing_init"),
+    ({"distill": {"temperature": 0}}, "distill.temperature"),
+    ({"distill": {"pred": 0, "gt": 0}}, "distill.pred"),
+    ({"distill": {"beta": -1}}, "distill.beta"),
+    ({"teacher_weights": "w.pth"}, "teacher_weights"),
+    ({"patch_size": 0}, "patch_size"),
+])
+def test_bad_config_keys_are_named(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        cfg(**overrides).validate()
+
+
+def test_student_geometry_and_sharing_follow_the_config() -> None:
+    model = build_student(cfg(sharing="all"), num_classes=3)
+    assert len(model.blocks) == 2 and model.patch_embed.patch_size == (8, 8)
+    assert model.blocks[0].mlp is model.blocks[1].mlp
+    assert token_count(model) == (32 // 8) ** 2 + 1
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_timm_teacher_reads_local_weights_only(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs teacher_weights.*nothing is downloaded"):
+        timm_teacher("vit_tiny_patch16_224", "", 3, 32)
+    with pytest.raises(ConfigError, match="no such file"):
+        timm_teacher("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), 3, 32)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3).eval()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    teacher = timm_teacher("vit_tiny_patch16_224", str(tmp_path / "w.pth"), 3, 32)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(x), source(x))
+    with pytest.raises(ConfigError, match="cannot build 'vit_tiny_patch16_224'"):
+        timm_teacher("vit_tiny_patch16_224", str(tmp_path / "w.pth"), 5, 32)  # 3 classes
+
+
+def test_relation_tap_captures_q_k_v_and_the_last_hidden_state() -> None:
+    model = build_student(cfg(sharing="none", transform=False), num_classes=3).eval()
+    tap = RelationTap(model)
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    model.blocks[-1].register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
+    model(x)
+    (q, k, v), hidden = tap.take()
+    block = model.blocks[-1]
+    qkv = block.attn.qkv(block.norm1(seen["in"]))
+    c = q.shape[-1]
+    torch.testing.assert_close(torch.cat([q, k, v], -1), qkv)
+    assert q.shape == (2, 17, c) and c == 192
+    torch.testing.assert_close(hidden, block(seen["in"]))  # (the hooks fire again here)
+    tap.take()
+    with pytest.raises(RuntimeError, match="has not run"):
+        tap.take()
+    tap.remove()
+    model(x)
+    assert tap.qkv is None
+
+
+def test_teacher_names_are_not_made_paths(tmp_path: Path, monkeypatch) -> None:
+    from raylab.cli import _method_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    args = argparse.Namespace(method="minivit", overrides=["teacher=deit_small_patch16_224"],
+                              data=None, config=None)
+    _, c = _method_config(args)
+    assert c.teacher == "deit_small_patch16_224"
+    args.overrides = ["teacher=runs/t"]
+    _, c = _method_config(args)
+    assert c.teacher == str(tmp_path / "runs" / "t")
