@@ -82,6 +82,8 @@ BENCHES: dict[str, Bench] = {
                               "img/s vs a plain loop"),
     "detection-coco128": Bench("detection:bench_detection_coco128",
                                "a short CPU run on coco128: its AP"),
+    "minivit-cifar": Bench("minivit:bench_minivit_cifar",
+                           "MiniViT: teacher, plain, multiplexed and distilled student"),
     "gpu-steps": Bench("gpu:bench_steps",
                        "ConvNeXt, DINO and ViTDet steps on a GPU vs plain steps"),
 }

@@ -97,3 +97,46 @@ def test_teacher_names_are_not_made_paths(tmp_path: Path, monkeypatch) -> None:
     args.overrides = ["teacher=runs/t"]
     _, c = _method_config(args)
     assert c.teacher == str(tmp_path / "runs" / "t")
+
+
+def _minivit_run(folder: Path, **overrides) -> tuple[MiniViTConfig, torch.nn.Module]:
+    """A checkpoint as ``raylab train minivit`` saves it (random weights)."""
+    from raylab.engine.checkpoint import save_checkpoint
+
+    c = cfg(**overrides)
+    torch.manual_seed(3)
+    model = build_student(c, num_classes=3)
+    save_checkpoint(folder, model=model, epoch=0,
+                    meta={"method": "minivit", "config": cfglib.to_dict(c),
+                          "class_names": ["a", "b", "c"]})
+    return c, model
+
+
+def test_init_from_an_uncompressed_run_takes_each_groups_mean(tmp_path: Path) -> None:
+    from raylab.methods.minivit.models import init_weights
+
+    _, plain = _minivit_run(tmp_path / "plain", sharing="none", transform=False)
+    student_cfg = cfg(sharing="all", sharing_init="mean", init_from=str(tmp_path / "plain"))
+    student = build_student(student_cfg, 3, init_weights(student_cfg, ["a", "b", "c"]))
+    mean = (plain.blocks[0].mlp.fc1.weight + plain.blocks[1].mlp.fc1.weight) / 2
+    torch.testing.assert_close(student.blocks[1].mlp.fc1.weight, mean)
+    torch.testing.assert_close(student.blocks[1].norm1.weight, plain.blocks[1].norm1.weight)
+    torch.testing.assert_close(student.head.weight, plain.head.weight)
+    _minivit_run(tmp_path / "shared", sharing="all")
+    with pytest.raises(ConfigError, match="already multiplexed"):
+        init_weights(cfg(init_from=str(tmp_path / "shared")), ["a", "b", "c"])
+
+
+def test_a_multiplexed_run_serves_as_teacher(tmp_path: Path) -> None:
+    from raylab.errors import CheckpointError
+    from raylab.methods.minivit.models import load_teacher
+
+    _, saved = _minivit_run(tmp_path / "t", sharing="all")
+    teacher, what = load_teacher(cfg(teacher=str(tmp_path / "t")), ["a", "b", "c"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(x), saved.eval()(x))
+    assert teacher.blocks[0].mlp is teacher.blocks[1].mlp  # rebuilt multiplexed
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert "minivit run" in what
+    with pytest.raises(CheckpointError, match="trained on classes"):
+        load_teacher(cfg(teacher=str(tmp_path / "t")), ["a", "b"])

@@ -1,0 +1,73 @@
+"""MiniViT on CIFAR (figures in BENCHMARKS.md): the paper's ablation layout at a CPU budget.
+
+Four rows under the same data, recipe and epochs, top-1 after the last epoch:
+
+- the teacher: a plain ViT-Small-width network (384 wide, 6 heads), 6 blocks;
+- the plain student: a ViT-Tiny-width network (192 wide, 3 heads), 6 blocks, unshared
+  (what a user would train without MiniViT: the baseline);
+- the multiplexed student: the same, sharing every 2 blocks with weight transformation,
+  trained on the labels alone;
+- the multiplexed and distilled student: the same, with L_pred + L_attn + 0.1 L_hddn from
+  the teacher (equal token counts: both use 8 px patches at 32 px);
+
+and the distilled run again on 2 Train workers (its img/s and top-1 next to 1 worker).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from raylab import config as cfglib
+from raylab.bench import BenchOptions
+from raylab.bench.images import image_shards
+from raylab.methods.minivit import MiniViTConfig, MiniViTMethod
+from raylab.runtime.cluster import ensure_ray
+from raylab.runtime.options import RunOptions
+
+#: Light augmentation: a ViT from scratch on 5,000 images in a few epochs learns little
+#: under the full DeiT recipe (RandAugment, Mixup, CutMix), as ConvNeXt did (BENCHMARKS.md).
+BUDGET = {"input_size": 32, "patch_size": 8, "depth": 6, "optim.batch_size": 128,
+          "optim.reference_batch": 128, "optim.lr": 1e-3, "optim.warmup_epochs": 1,
+          "drop_path": 0.0, "aug.auto_augment": "", "aug.mixup": 0.0, "aug.cutmix": 0.0,
+          "aug.re_prob": 0.0, "aug.scale": [0.5, 1.0], "checkpoint_every": 1000}
+TEACHER = {"model": "vit_small_patch16_224", "sharing": "none", "transform": False}
+STUDENT = {"model": "vit_tiny_patch16_224"}
+ROWS = {
+    "plain student": {**STUDENT, "sharing": "none", "transform": False},
+    "multiplexed": {**STUDENT, "sharing": "every-2", "transform": True},
+    "multiplexed + distilled": {**STUDENT, "sharing": "every-2", "transform": True},
+}
+
+
+def _run(shards: str, name: str, overrides: dict[str, Any], workers: int, root: str
+         ) -> dict[str, Any]:
+    cfg = cfglib.apply_overrides(MiniViTConfig(), {"data": shards, **BUDGET, **overrides})
+    t0 = time.perf_counter()
+    s = MiniViTMethod().train(cfg, RunOptions(workers=workers), root, name)
+    return {"params": s["params"], "plain_params": s["plain_params"],
+            "gmacs": round(s["gmacs"], 4), "top1": round(s["top1"], 4),
+            "top5": round(s["top5"], 4), "teacher_top1": s.get("teacher_top1"),
+            "train_img_per_s": round(s["train_img_per_s"], 1),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def bench_minivit_cifar(opts: BenchOptions) -> dict[str, Any]:
+    epochs, tmp = max(opts.epochs, 2), opts.tmp
+    shards = image_shards(opts.data, tmp)
+    ensure_ray()
+    root = str(tmp / "runs")
+    out: dict[str, Any] = {"bench": "minivit-cifar", "epochs": epochs,
+                           "budget": BUDGET, "teacher_config": TEACHER, "student": STUDENT}
+    every = {"optim.epochs": epochs}
+    out["teacher"] = _run(shards, "teacher", {**TEACHER, **every}, 1, root)
+    teacher = {"teacher": str(tmp / "runs" / "teacher" / "run" / "model")}
+    for row, overrides in ROWS.items():
+        extra = teacher if "distilled" in row else {}
+        out[row] = _run(shards, row.replace(" ", "_").replace("+", "and"),
+                        {**overrides, **extra, **every}, 1, root)
+    if opts.workers > 1 or "2-workers" in (opts.only or []):
+        out["multiplexed + distilled, 2 workers"] = _run(
+            shards, "distilled_2w", {**ROWS["multiplexed + distilled"], **teacher, **every},
+            2, root)
+    return out
