@@ -23,7 +23,7 @@ from raylab.bench import BenchOptions
 from raylab.bench.images import image_shards
 from raylab.methods.minivit import MiniViTConfig, MiniViTMethod
 from raylab.runtime.cluster import ensure_ray
-from raylab.runtime.options import RunOptions
+from raylab.runtime.options import RunOptions, parse_cpus
 
 #: Light augmentation: a ViT from scratch on 5,000 images in a few epochs learns little
 #: under the full DeiT recipe (RandAugment, Mixup, CutMix), as ConvNeXt did (BENCHMARKS.md).
@@ -44,7 +44,9 @@ def _run(shards: str, name: str, overrides: dict[str, Any], workers: int, root: 
          ) -> dict[str, Any]:
     cfg = cfglib.apply_overrides(MiniViTConfig(), {"data": shards, **BUDGET, **overrides})
     t0 = time.perf_counter()
-    s = MiniViTMethod().train(cfg, RunOptions(workers=workers), root, name)
+    # What `raylab train` gives the workers on this machine (--cpus-per-worker auto).
+    cpus = parse_cpus("auto", workers, joins_cluster=False, tuning=False)
+    s = MiniViTMethod().train(cfg, RunOptions(workers=workers, cpus_per_worker=cpus), root, name)
     return {"params": s["params"], "plain_params": s["plain_params"],
             "gmacs": round(s["gmacs"], 4), "top1": round(s["top1"], 4),
             "top5": round(s["top5"], 4), "teacher_top1": s.get("teacher_top1"),

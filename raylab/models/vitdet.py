@@ -464,6 +464,15 @@ def load_vitdet_weights(backbone: ViTDet, checkpoint_dir: str | Path,
         CheckpointError: No backbone in the checkpoint, or a ViT that does not fit.
     """
     weights = pretrained_weights(checkpoint_dir, which)
+    transformed = sorted(k for k in weights.state
+                         if k.endswith((".pre_softmax", ".post_softmax", ".mlp_conv.weight")))
+    if transformed:
+        # MiniViT's head mixing around the softmax has no counterpart in a plain trunk;
+        # dropping it would silently change what every block computes.
+        raise CheckpointError(
+            f"{checkpoint_dir} ({weights.method} {weights.arch}): a MiniViT run with weight "
+            f"transformation ({transformed[0]}, ...) cannot become a plain ViTDet trunk; "
+            f"use a run with transform=false (its shared weights load as per-block copies)")
     try:
         return backbone.load_vit_weights(weights.state)
     except CheckpointError as exc:

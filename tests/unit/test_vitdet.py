@@ -367,3 +367,23 @@ def test_grad_checkpointing_gives_the_same_output() -> None:
     torch.testing.assert_close(checked, plain)
     checked.sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_load_vitdet_weights_from_a_minivit_run(tmp_path) -> None:
+    """A multiplexed run's shared weights become per-block copies in the trunk; a run with
+    weight transformation is refused by name (its head mixing has no place there)."""
+    from raylab.models.minivit import multiplex
+
+    torch.manual_seed(0)
+    for transform in (False, True):
+        vit = multiplex(timm.create_model("vit_tiny_patch16_224", num_classes=5, depth=4,
+                                          embed_dim=64, num_heads=2), "every-2",
+                        transform=transform)
+        save_checkpoint(tmp_path / str(transform), model=vit, epoch=0,
+                        meta={"method": "minivit", "config": {"model": "vit_tiny_patch16_224"}})
+    model = tiny()
+    load_vitdet_weights(model, tmp_path / "False")
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert model.blocks[1].attn.qkv.weight is not model.blocks[0].attn.qkv.weight
+    with pytest.raises(CheckpointError, match="weight transformation.*transform=false"):
+        load_vitdet_weights(tiny(), tmp_path / "True")
