@@ -250,8 +250,8 @@ def multiplex(model: nn.Module, strategy: str | Sequence[Sequence[int]] = "every
     if init not in INITS:
         raise MultiplexError(f"sharing init: {init!r}; expected one of {', '.join(INITS)}")
     stages, kind = _blocks_and_stages(model)
-    explicit = not (isinstance(strategy, str) and not strategy.strip().startswith("["))
-    if explicit:
+    named = isinstance(strategy, str) and not strategy.strip().startswith("[")
+    if not named:  # explicit groups index the blocks of all stages in order
         depth = sum(len(s) for s in stages)
         groups = parse_strategy(strategy, depth)
         flat_blocks = [b for s in stages for b in s]

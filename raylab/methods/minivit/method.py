@@ -23,15 +23,16 @@ from torch import nn
 
 from raylab import config as cfglib
 from raylab.engine.keys import RUN, metric_key
+from raylab.errors import ConfigError
 from raylab.methods.base import RunResult
 from raylab.methods.convnext.method import ConvNeXtMethod, model_cost
 from raylab.methods.minivit.config import MiniViTConfig
 from raylab.methods.minivit.models import (
     build_student,
-    is_plain_vit,
     load_teacher,
     plain_student,
     token_count,
+    uses_relations,
 )
 from raylab.methods.minivit.task import MiniViTTask
 from raylab.models import count_params
@@ -60,37 +61,38 @@ class MiniViTMethod(ConvNeXtMethod):
         return build_student(cfg, num_classes)
 
     def load(self, cfg: MiniViTConfig) -> ImageData:
-        """The data, and the teacher checked against it on the driver (classes, tokens)
-        before any worker starts."""
+        """The data, with the teacher checked against it on the driver (classes, token
+        counts) before any worker starts; the costs the report needs are taken then."""
         data = super().load(cfg)
-        if cfg.teacher:
-            teacher, _ = load_teacher(cfg, data.class_names)
-            relations = cfg.distill.beta > 0 or cfg.distill.gamma > 0
-            student = plain_student(cfg, len(data.class_names))
-            if relations and is_plain_vit(teacher) and is_plain_vit(student) and \
-                    token_count(teacher) != token_count(student):
-                from raylab.errors import ConfigError
-
-                raise ConfigError(
-                    f"config key 'teacher': its {token_count(teacher)} tokens differ from the "
-                    f"student's {token_count(student)} at {cfg.input_size} px; the relation "
-                    f"losses compare token by token (match patch sizes, or set "
-                    f"distill.beta=0 distill.gamma=0)")
+        self._costs = (cfg, self._measure(cfg, data))
         return data
 
     def costs(self, cfg: MiniViTConfig, data: ImageData) -> dict[str, Any]:
-        """Parameters and MACs of the plain and the multiplexed student (and the teacher)."""
+        """Parameters and MACs of the plain and the multiplexed student (and the teacher),
+        measured once per config: the teacher is read from its checkpoint once."""
+        cached = getattr(self, "_costs", None)
+        if cached is None or cached[0] is not cfg:
+            self._costs = (cfg, self._measure(cfg, data))
+        return self._costs[1]
+
+    def _measure(self, cfg: MiniViTConfig, data: ImageData) -> dict[str, Any]:
         n = len(data.class_names)
-        plain_params, plain_macs = model_cost(plain_student(cfg, n), cfg.input_size)
+        plain = plain_student(cfg, n)
+        plain_params, plain_macs = model_cost(plain, cfg.input_size)
         params, macs = model_cost(build_student(cfg, n), cfg.input_size)
         out = {"plain_params": plain_params, "params": params, "gmacs": macs / 1e9,
                "plain_gmacs": plain_macs / 1e9,
                "compression": plain_params / max(params, 1)}
         if cfg.teacher:
             teacher, what = load_teacher(cfg, data.class_names)
-            out.update(teacher=what, teacher_params=count_params(teacher),
-                       relations=bool(is_plain_vit(teacher) and is_plain_vit(
-                           plain_student(cfg, n)) and (cfg.distill.beta or cfg.distill.gamma)))
+            relations = uses_relations(cfg, plain, teacher)
+            if relations and token_count(teacher) != token_count(plain):
+                raise ConfigError(
+                    f"config key 'teacher': its {token_count(teacher)} tokens differ from the "
+                    f"student's {token_count(plain)} at {cfg.input_size} px; the relation "
+                    f"losses compare token by token (match patch sizes, or set "
+                    f"distill.beta=0 distill.gamma=0)")
+            out.update(teacher=what, teacher_params=count_params(teacher), relations=relations)
         return out
 
     def describe(self, cfg: MiniViTConfig, options: RunOptions, data: ImageData) -> None:

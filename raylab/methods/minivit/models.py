@@ -140,6 +140,13 @@ def token_count(model: nn.Module) -> int:
     return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
 
 
+def uses_relations(cfg: MiniViTConfig, student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether the attention and hidden-state relation terms apply: weighted, and both
+    models plain ViTs (the paper distils predictions only otherwise)."""
+    weighted = cfg.distill.beta > 0 or cfg.distill.gamma > 0
+    return weighted and is_plain_vit(student) and is_plain_vit(teacher)
+
+
 class RelationTap:
     """Keeps the last block's q, k, v (heads merged, (B, N, C) each) and output hidden
     state of a timm ViT from its most recent forward pass."""

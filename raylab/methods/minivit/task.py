@@ -23,8 +23,8 @@ from raylab.methods.minivit.models import (
     RelationTap,
     build_student,
     init_weights,
-    is_plain_vit,
     load_teacher,
+    uses_relations,
 )
 from raylab.tasks.classification.task import ClassificationTask
 
@@ -42,8 +42,7 @@ class MiniViTTask(ClassificationTask):
         teacher, _ = load_teacher(cfg, self.class_names)
         self.teacher = teacher.to(ctx.device)
         d = cfg.distill
-        self.relations = (d.beta > 0 or d.gamma > 0) and is_plain_vit(self.inner) and \
-            is_plain_vit(self.teacher)
+        self.relations = uses_relations(cfg, self.inner, self.teacher)
         if self.relations:
             self.student_tap, self.teacher_tap = RelationTap(self.inner), RelationTap(self.teacher)
         self.sum_keys = ("loss", *(["loss_gt"] if d.gt > 0 else []), "loss_pred",
@@ -71,7 +70,9 @@ class MiniViTTask(ClassificationTask):
         weights = {"loss_gt": d.gt, "loss_pred": d.pred, "loss_attn": d.beta,
                    "loss_hidden": d.gamma}
         total = sum(weights[k] * v for k, v in parts.items() if v is not None and weights[k])
-        self.parts = {k: v.detach().item() for k, v in parts.items() if v is not None}
+        used = {k: v.detach() for k, v in parts.items() if v is not None}
+        # One device sync for all the terms (the step already syncs once for the loss).
+        self.parts = dict(zip(used, torch.stack(list(used.values())).tolist()))
         return total, logits
 
     def train_step(self, batch: Any, state: TrainState, last: bool) -> dict[str, float]:
