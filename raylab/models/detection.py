@@ -7,9 +7,10 @@ LayerNorm; ``heads="vitdet"`` builds those from torchvision's ``RPNHead(conv_dep
 keeps torchvision's defaults (1-conv RPN, two fc layers, 4 convs without norm). The CNN
 backbone (``backbone="cnn"``) is any timm CNN built with ``features_only=True`` (its stride
 4, 8, 16, 32 maps) + torchvision's ``FeaturePyramidNetwork`` with a max-pooled p6, like
-torchvision's ``BackboneWithFPN``; ``freeze_backbone`` freezes its body (BatchNorm turned
-into ``FrozenBatchNorm2d``) or the ViT trunk, for frozen-backbone reuse (Vasconcelos et al.,
-CVPR 2022).
+torchvision's ``BackboneWithFPN``. For frozen-backbone reuse (Vasconcelos et al., CVPR
+2022) ``freeze`` freezes the CNN body or the ViT trunk (:mod:`raylab.models.freeze`),
+``adapters`` puts residual adapters beside its blocks (:mod:`raylab.models.adapters`), and
+``fpn_layers`` / ``head_convs`` give the detector above it more capacity.
 
 Images arrive already at their final size (large-scale jitter and padding to a fixed square
 happen in the data pipeline), so the detector never resizes: its transform only normalises
@@ -27,7 +28,7 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, freeze_batch_norm_2d
+from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -39,7 +40,10 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from raylab.errors import CheckpointError, ConfigError
+from raylab.models.adapters import AdapterConfig, add_adapters
 from raylab.models.backbones import WHICH, PretrainedWeights, pretrained_weights
+from raylab.models.freeze import FREEZE_MODES, freeze_backbone
+from raylab.models.pyramid_refine import PyramidRefinement
 from raylab.models.timm_names import check_timm_model
 from raylab.models.vitdet import ViTDet, layer_id, load_vitdet_weights
 
@@ -79,6 +83,11 @@ class DetectorConfig:
     heads: str = "vitdet"
     #: Channels of the pyramid levels and of the RPN, box and mask heads' convs (256).
     channels: int = 256
+    #: Detector capacity (Vasconcelos et al.: a frozen backbone needs a bigger detector):
+    #: top-down + bottom-up cells stacked on the pyramid (0: the pyramid alone) ...
+    fpn_layers: int = 0
+    #: ... and 3x3 convs in the box head (``heads="vitdet"``) and the mask head (4).
+    head_convs: int = 4
     #: Anchor size per level; empty: 32..512 scaled by ``min(1, image_size / 1024)``.
     anchor_sizes: list[int] = field(default_factory=list)
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -98,8 +107,12 @@ class DetectorConfig:
     #: Which weights of it: ``auto`` (the EMA / DINO teacher when saved, else the trained
     #: model), ``teacher``/``ema`` or ``student``/``model``.
     backbone_weights: str = "auto"
-    #: Freeze the pretrained trunk / CNN body (weights and BatchNorm statistics).
-    freeze_backbone: bool = False
+    #: Frozen-backbone reuse (Vasconcelos et al.): ``none``, ``backbone`` (the trunk / CNN
+    #: body's weights; its norm layers train) or ``backbone+norms`` (weights and norm
+    #: layers, BatchNorm statistics included).
+    freeze: str = "none"
+    #: Residual adapters beside the trunk's / body's blocks (``every`` 0: none).
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -113,8 +126,16 @@ class DetectorConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ConfigError(f"{key} must be an integer >= 2, got {value!r}")
+        for key in ("fpn_layers", "head_convs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
         if self.image_size % 32:
             raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.freeze not in FREEZE_MODES:
+            raise ConfigError(f"freeze must be one of {list(FREEZE_MODES)}, got "
+                              f"{self.freeze!r}")
+        self.adapters.validate()
         if self.backbone_weights not in WHICH:
             raise ConfigError(f"backbone_weights must be one of {list(WHICH)}, got "
                               f"{self.backbone_weights!r}")
@@ -164,6 +185,8 @@ class TimmFPN(nn.Module):
         self.out_channels = int(out_channels)
         self.strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
         self.featmap_names = ["p2", "p3", "p4", "p5"]
+        #: Extra pyramid capacity (:class:`~raylab.models.pyramid_refine.PyramidRefinement`).
+        self.refine: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Images ``[B, 3, H, W]`` -> p2..p6."""
@@ -171,7 +194,7 @@ class TimmFPN(nn.Module):
         out = self.fpn(OrderedDict((n, feats[i]) for n, i in zip(self.featmap_names,
                                                                    self.levels)))
         out["p6"] = out.pop("pool")
-        return out
+        return out if self.refine is None else self.refine(out)
 
     def load_body_weights(self, weights: PretrainedWeights) -> list[str]:
         """Copy a timm CNN's weights (a classifier's or DINO's, as the whole model names
@@ -234,7 +257,20 @@ class Detector(MaskRCNN):
 
 def build_detection_backbone(cfg: DetectorConfig) -> ViTDet | TimmFPN:
     """The backbone :func:`build_detector` puts under the heads (weights loaded, frozen
-    as ``cfg`` says)."""
+    and adapted as ``cfg`` says, with ``fpn_layers`` refinement cells on its pyramid)."""
+    backbone = _pretrained_backbone(cfg)
+    if cfg.fpn_layers:
+        if len(backbone.strides) < 2:
+            raise ConfigError(f"fpn_layers={cfg.fpn_layers} needs a multi-level pyramid; "
+                              f"pyramid={cfg.pyramid!r} has one level")
+        backbone.refine = PyramidRefinement(backbone.out_channels, len(backbone.strides),
+                                            cfg.fpn_layers)
+    return backbone
+
+
+def _pretrained_backbone(cfg: DetectorConfig) -> ViTDet | TimmFPN:
+    """The backbone with its pretrained weights, frozen, then adapted (adapters added after
+    freezing train whatever the mode)."""
     if cfg.backbone == "cnn":
         backbone = TimmFPN(cfg.model, cfg.channels, cfg.drop_path, **cfg.model_kwargs)
         if cfg.backbone_checkpoint:
@@ -243,9 +279,9 @@ def build_detection_backbone(cfg: DetectorConfig) -> ViTDet | TimmFPN:
                 backbone.load_body_weights(weights)
             except CheckpointError as exc:
                 raise CheckpointError(f"{cfg.backbone_checkpoint}: {exc}") from None
-        if cfg.freeze_backbone:
-            backbone.body = freeze_batch_norm_2d(backbone.body)
-            backbone.body.requires_grad_(False)
+        # The whole body is the pretrained part; the FPN above it always trains.
+        backbone.body = freeze_backbone(backbone.body, cfg.freeze, lambda name: False)
+        add_adapters(backbone.body, cfg.adapters.every, cfg.adapters.dim)
         return backbone
     backbone = ViTDet(cfg.model, img_size=cfg.image_size, window_size=cfg.window_size,
                       global_blocks=cfg.global_blocks, propagation=cfg.propagation,
@@ -253,23 +289,24 @@ def build_detection_backbone(cfg: DetectorConfig) -> ViTDet | TimmFPN:
                       pretrain_img_size=cfg.pretrain_img_size, **cfg.model_kwargs)
     if cfg.backbone_checkpoint:
         load_vitdet_weights(backbone, cfg.backbone_checkpoint, cfg.backbone_weights)
-    if cfg.freeze_backbone:
-        params = dict(backbone.named_parameters())
-        for name in backbone.trunk_parameter_names():
-            params[name].requires_grad_(False)
+    # The pretrained part is the ViT's own weights; relative positions, conv propagation
+    # and the pyramid are new and train.
+    trunk = set(backbone.trunk_parameter_names())
+    backbone = freeze_backbone(backbone, cfg.freeze, lambda name: name not in trunk)
+    add_adapters(backbone, cfg.adapters.every, cfg.adapters.dim)
     return backbone
 
 
 def _heads(cfg: DetectorConfig, channels: int, num_anchors: int) -> dict[str, nn.Module]:
+    convs = [channels] * cfg.head_convs
     if cfg.heads == "torchvision":
         heads = {"rpn_head": RPNHead(channels, num_anchors),
-                 "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1)}
+                 "mask_head": MaskRCNNHeads(channels, convs, 1)}
     else:
         heads = {"rpn_head": RPNHead(channels, num_anchors, conv_depth=2),
-                 "box_head": FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024],
+                 "box_head": FastRCNNConvFCHead((channels, 7, 7), convs, [1024],
                                                 norm_layer=LayerNorm2d),
-                 "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1,
-                                            norm_layer=LayerNorm2d)}
+                 "mask_head": MaskRCNNHeads(channels, convs, 1, norm_layer=LayerNorm2d)}
     heads["box_predictor"] = FastRCNNPredictor(1024, cfg.num_classes)
     heads["mask_predictor"] = MaskRCNNPredictor(channels, 256, cfg.num_classes)
     return heads

@@ -56,7 +56,10 @@ from raylab.models.vitdet_pyramid import PYRAMID_SCALES, SimpleFeaturePyramid, S
 PROPAGATIONS = ("global", "none", "conv")
 PYRAMIDS = ("simple", "none", "fpn")
 #: Parameter names (relative to the backbone) that belong to the pretrained ViT trunk.
-_TRUNK = re.compile(r"^(patch_embed|pos_embed|norm_pre)(\.|$)|^blocks\.\d+\.(?!rel_pos_|residual)")
+# A block's own names, or ``blocks.N.block.*`` once an adapter sits beside it
+# (:mod:`raylab.models.adapters`); relative positions, conv propagation and adapters are new.
+_TRUNK = re.compile(r"^(patch_embed|pos_embed|norm_pre)(\.|$)|^blocks\.\d+\."
+                    r"(?:block\.(?!rel_pos_|residual)|(?!rel_pos_|residual|adapter\.|block\.))")
 
 
 def default_global_blocks(depth: int, count: int = 4) -> tuple[int, ...]:
@@ -299,6 +302,8 @@ class ViTDet(nn.Module):
                    [int(self.patch_size / s) for s in PYRAMID_SCALES] + [4 * self.patch_size])
         self.strides = {_level_name(s): s for s in strides}
         self.pyramid = self._build_pyramid(pyramid, list(self.strides))
+        #: Extra pyramid capacity (:class:`~raylab.models.pyramid_refine.PyramidRefinement`).
+        self.refine: nn.Module | None = None
 
     def _resolve_blocks(self, blocks: int | Sequence[int]) -> tuple[int, ...]:
         if isinstance(blocks, int):
@@ -350,7 +355,8 @@ class ViTDet(nn.Module):
         """Images ``[B, 3, H, W]`` -> ``OrderedDict`` of ``[B, 256, H/s, W/s]`` maps, one per
         name of :attr:`strides` (simple / fpn: p2..p6, strides 4..64)."""
         last, stages = self.forward_features(x, self.stage_ends)
-        return self.pyramid(last, stages)
+        out = self.pyramid(last, stages)
+        return out if self.refine is None else self.refine(out)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass (saves activation memory)."""

@@ -154,16 +154,80 @@ def test_layer_decay_over_the_whole_detector() -> None:
 
 
 def test_frozen_backbones() -> None:
-    vitdet = build_detector(**SMALL, **TINY_VIT, freeze_backbone=True)
+    vitdet = build_detector(**SMALL, **TINY_VIT, freeze="backbone+norms")
     frozen = {n for n, p in vitdet.backbone.named_parameters() if not p.requires_grad}
     assert frozen == set(vitdet.backbone.trunk_parameter_names())
     assert "blocks.0.attn.qkv.weight" in frozen and "pos_embed" in frozen
     assert vitdet.backbone.blocks[0].rel_pos_h.requires_grad
 
-    cnn = build_detector(**SMALL, backbone="cnn", model="resnet18", freeze_backbone=True)
+    cnn = build_detector(**SMALL, backbone="cnn", model="resnet18", freeze="backbone+norms")
     assert not any(p.requires_grad for p in cnn.backbone.body.parameters())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in cnn.backbone.body.modules())
     assert all(p.requires_grad for p in cnn.backbone.fpn.parameters())
+
+
+def test_backbone_mode_leaves_norm_layers_training() -> None:
+    vitdet = build_detector(**SMALL, **TINY_VIT, freeze="backbone")
+    trains = {n for n, p in vitdet.backbone.named_parameters() if p.requires_grad}
+    assert "blocks.0.norm1.weight" in trains and "blocks.1.norm2.bias" in trains
+    assert "blocks.0.attn.qkv.weight" not in trains and "pos_embed" not in trains
+    cnn = build_detector(**SMALL, backbone="cnn", model="resnet18", freeze="backbone")
+    body = {n for n, p in cnn.backbone.body.named_parameters() if p.requires_grad}
+    bn = {f"{n}.{w}" for n, m in cnn.backbone.body.named_modules()
+          if isinstance(m, torch.nn.BatchNorm2d) for w in ("weight", "bias")}
+    assert body == bn  # BatchNorm trains (weights and statistics), convolutions do not
+
+
+@pytest.mark.parametrize("kind", ["vitdet", "cnn"])
+def test_adapters_start_at_the_frozen_backbone_and_train(kind: str) -> None:
+    """Same seed, with and without adapters: the pyramid's maps are bit-identical at init;
+    the adapters are the only trainable part of the frozen trunk/body."""
+    from raylab.models.adapters import AdapterConfig
+    from raylab.models.detection import build_detection_backbone
+
+    base = {**SMALL, **(TINY_VIT if kind == "vitdet" else
+                        {"backbone": "cnn", "model": "resnet18"})}
+    x = torch.randn(1, 3, 64, 64)
+    outputs = []
+    for adapters in (AdapterConfig(), AdapterConfig(every=1, dim=8)):
+        torch.manual_seed(0)
+        cfg = DetectorConfig(**base, freeze="backbone+norms", adapters=adapters)
+        backbone = build_detection_backbone(cfg).eval()
+        with torch.no_grad():
+            outputs.append(backbone(x))
+    assert outputs[0].keys() == outputs[1].keys()
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    pretrained = backbone.body if kind == "cnn" else backbone
+    trunk = set() if kind == "cnn" else set(backbone.trunk_parameter_names())
+    trains = {n for n, p in pretrained.named_parameters() if p.requires_grad}
+    if kind == "cnn":
+        assert trains and all(".adapter." in n for n in trains)
+    else:  # the ViT's own weights frozen; adapters, relative positions, pyramid train
+        assert not trains & trunk and {n for n in trains if ".adapter." in n}
+        assert "blocks.0.block.attn.qkv.weight" in trunk
+
+
+def test_detector_capacity_knobs() -> None:
+    """``head_convs`` convs in the box and mask heads; ``fpn_layers`` cells of 2 x (levels
+    - 1) 3x3 convs (no bias) + LayerNorm on the 5-level pyramid, counted by hand."""
+    base = build_detector(**SMALL, **TINY_VIT)
+    big = build_detector(**SMALL, **TINY_VIT, fpn_layers=2, head_convs=2)
+    c, levels = SMALL["channels"], 5
+    cell = 2 * (levels - 1) * (c * c * 9 + 2 * c)
+    assert sum(p.numel() for p in big.backbone.refine.parameters()) == 2 * cell
+    convs = lambda head: sum(isinstance(m, torch.nn.Conv2d) for m in head.modules())  # noqa: E731
+    assert convs(base.roi_heads.box_head) == 4 and convs(big.roi_heads.box_head) == 2
+    assert convs(big.roi_heads.mask_head) == 2
+    big.train()
+    losses = big([torch.rand(3, 64, 64)], _targets())
+    sum(losses.values()).backward()
+    assert big.backbone.refine.cells[1].bottom_up[0][0].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="one level"):
+        build_detector(**SMALL, **{**TINY_VIT, "pyramid": "none"}, fpn_layers=1)
+    with pytest.raises(ConfigError, match="head_convs"):
+        build_detector(**SMALL, head_convs=-1)
+    with pytest.raises(ConfigError, match="freeze must be one of"):
+        build_detector(**SMALL, freeze="all")
 
 
 def test_config_errors() -> None:
