@@ -149,7 +149,9 @@ def detection() -> Scenario:
         "cache_mb": 0, "shuffle_buffer": 16, "checkpoint_every": 1},
         {"split": TEST, "categories": [{"id": 1, "name": "circle"},
                                        {"id": 2, "name": "square"}],
-         "train_rows": 12, "checkpoint_meta": {"method": "detection"}},
+         "train_rows": 12, "checkpoint_meta": {"method": "detection"},
+         # AP by class frequency, one category per bin.
+         "ap_bins": {"rare": [1], "frequent": [2]}},
         _detection_rows("train", ScaleJitter(64, (0.5, 1.5)), False),
         {TEST: _detection_rows("val", ResizePad(64), True)})
 
@@ -189,8 +191,57 @@ def minivit() -> Scenario:
 
 _MINIVIT_TEACHER: Path | None = None
 
+
+def reuse_backbone() -> Path:
+    """A ``raylab train convnext`` checkpoint of a ResNet-10-T (BatchNorm statistics moved
+    off their init), written once per process."""
+    global _REUSE_BACKBONE
+    if _REUSE_BACKBONE is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        import timm
+
+        from raylab.engine.checkpoint import save_checkpoint
+
+        root = Path(tempfile.mkdtemp(prefix="raylab-reuse-scenario-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        torch.manual_seed(11)
+        model = timm.create_model("resnet10t", num_classes=5)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 1.5)
+        _REUSE_BACKBONE = save_checkpoint(root / "model", model=model, meta={
+            "method": "convnext", "config": {"model": "resnet10t", "input_size": 32},
+            "class_names": list("abcde")})
+    return _REUSE_BACKBONE
+
+
+def reuse() -> Scenario:
+    """A saved ResNet-10-T, frozen with its BatchNorm statistics, an adapter beside its
+    one shape-keeping block (layer1.0; the other stages open with a downsampling block),
+    a new 4-class head."""
+    from raylab.methods.reuse import ReuseConfig
+    from raylab.methods.reuse.task import ReuseTask
+
+    return Scenario(ReuseConfig, ReuseTask, {
+        "backbone_checkpoint": str(reuse_backbone()), "freeze": "backbone+norms",
+        "adapters.every": 1, "adapters.dim": 8, "input_size": 32,
+        "optim.batch_size": 8, "optim.reference_batch": 8, "optim.lr": 2e-3,
+        "optim.epochs": 3, "optim.warmup_epochs": 1, "aug.re_prob": 0.0, "cache_mb": 0,
+        "shuffle_buffer": 64, "checkpoint_every": 1},
+        {"split": TEST, "num_classes": 4, "train_rows": 24,
+         "checkpoint_meta": {"method": "reuse"}},
+        _images(24, 32, 4, 8), {TEST: _images(13, 32, 4, 9)})
+
+
+_REUSE_BACKBONE: Path | None = None
+
 SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino, "detection": detection,
-             "minivit": minivit}
+             "minivit": minivit, "reuse": reuse}
 
 
 def context(scenario: Scenario, run_dir: str | Path | None = None,

@@ -34,6 +34,10 @@ def test_two_workers_stay_identical_and_score_each_image_once() -> None:
     assert not drift, drift[:3]
     assert [r["test_rows"] for r in r0] == [r["test_rows"] for r in r1] == [5, 5, 5]
     assert [r["test_bbox_AP"] for r in r0] == [r["test_bbox_AP"] for r in r1]
+    # AP by class frequency: each bin's AP, the same on both workers.
+    for key in ("test_bbox_AP_rare", "test_segm_AP_frequent"):
+        assert [r.get(key) for r in r0] == [r.get(key) for r in r1]
+        assert all(0.0 <= r[key] <= 1.0 for r in r0), key
     assert [r["train_samples"] for r in r0] == [12, 12, 12]
     assert all(np.isfinite(r["train_loss"]) for r in r0)
 
@@ -73,6 +77,26 @@ def test_ground_truth_rebuilt_from_rows_equals_the_source_json() -> None:
     result = coco_eval(gt, dets)
     assert result["bbox"]["AP"] == pytest.approx(1.0)
     assert result["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_category_counts_of_the_shards_match_the_json() -> None:
+    """Instances (non-crowd annotations) and images per category, read from the shards'
+    two list columns, against a count over the source JSON."""
+    from collections import Counter
+
+    from raylab.data.shards import shard_paths
+    from raylab.tasks.detection.data import category_counts
+
+    _, source = _sample_rows("train")
+    paths = shard_paths(scenarios._DETECTION_SAMPLE / "train")
+    ids = [c["id"] for c in source["categories"]]
+    plain = [a for a in source["annotations"] if not a.get("iscrowd")]
+    instances = Counter(a["category_id"] for a in plain)
+    images = Counter(c for _, c in {(a["image_id"], a["category_id"]) for a in plain})
+    assert category_counts(paths, ids) == {i: instances.get(i, 0) for i in ids}
+    assert category_counts(paths, ids, "images") == {i: images.get(i, 0) for i in ids}
+    assert sum(category_counts(paths, ids).values()) > sum(
+        category_counts(paths, ids, "images").values())  # some images hold two of a kind
 
 
 def test_lr_schedules_by_hand() -> None:

@@ -24,8 +24,8 @@ from raylab import config as cfglib
 from raylab.data.shards import iter_rows
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
 from raylab.methods.base import Method, RunPlan, RunResult
-from raylab.metrics.detection import AP_KEYS
-from raylab.models import count_params
+from raylab.metrics.detection import AP_KEYS, frequency_bins
+from raylab.models.freeze import freeze_summary
 from raylab.registry import register_method
 from raylab.runtime.options import RunOptions
 from raylab.tasks.detection.config import DetectionConfig
@@ -65,6 +65,13 @@ class DetectionMethod(Method):
     }
     path_keys = ("data", "backbone_checkpoint")
 
+    def model_from_meta(self, meta: dict[str, Any]) -> Any:
+        """The run's detector without its backbone run's folder (the run's own weights,
+        loaded next, hold the backbone)."""
+        cfg = cfglib.apply_overrides(cfglib.from_dict(DetectionConfig, meta["config"]),
+                                     {"backbone_checkpoint": ""})
+        return build_model(cfg, len(meta["categories"]) + 1)
+
     def load(self, cfg: DetectionConfig) -> DetectionData:
         return load_detection_data(cfg)
 
@@ -95,7 +102,9 @@ class DetectionMethod(Method):
         if cfg.max_train_rows:
             train_rows = min(train_rows, cfg.max_train_rows)
         args = {"categories": data.categories, "train_rows": train_rows,
-                "checkpoint_meta": checkpoint_meta(cfg, data)}
+                "checkpoint_meta": checkpoint_meta(cfg, data),
+                "ap_bins": None if data.train_counts is None else frequency_bins(
+                    data.train_counts, cfg.frequency_ranges())}
         return {TRAIN: train, plan.split: evaluate}, args
 
     def eval_row_ids(self, cfg: DetectionConfig, data: DetectionData, plan: RunPlan
@@ -105,23 +114,35 @@ class DetectionMethod(Method):
             return {str(i) for i in plan.data}
         return {str(i) for i in row_ids(data.eval_paths)}
 
-    def _params(self, cfg: DetectionConfig, num_classes: int) -> int:
-        """The detector's parameter count, built once per config (a ViT-B Mask R-CNN takes
-        seconds to build; ``describe`` and ``summarise`` both report it)."""
+    def _params(self, cfg: DetectionConfig, num_classes: int) -> tuple[int, int]:
+        """The detector's parameters, all and trainable (``freeze``), built once per config
+        (a ViT-B Mask R-CNN takes seconds to build; ``describe`` and ``summarise`` both
+        report them)."""
         counts = self.__dict__.setdefault("_param_counts", {})
         key = (repr(cfglib.to_dict(cfg)), num_classes)
         if key not in counts:
-            counts[key] = count_params(build_model(cfg, num_classes))
+            summary = freeze_summary(build_model(cfg, num_classes))
+            counts[key] = (summary.total, summary.trainable)
         return counts[key]
 
+    @staticmethod
+    def _bins(cfg: DetectionConfig, data: DetectionData) -> dict[str, list[str]]:
+        """Bin name -> the names of its categories (AP by class frequency)."""
+        if data.train_counts is None:
+            return {}
+        names = {int(c["id"]): str(c["name"]) for c in data.categories}
+        bins = frequency_bins(data.train_counts, cfg.frequency_ranges())
+        return {name: [names[i] for i in ids] for name, ids in bins.items()}
+
     def describe(self, cfg: DetectionConfig, options: RunOptions, data: DetectionData) -> None:
-        params = self._params(cfg, data.num_classes)
+        params, trainable = self._params(cfg, data.num_classes)
         o = cfg.optim
         kind = (f"ViTDet {cfg.model} (window {cfg.window_size}, global blocks "
                 f"{cfg.global_blocks}, propagation {cfg.propagation}, pyramid {cfg.pyramid})"
                 if cfg.backbone == "vitdet" else f"{cfg.model} + FPN")
-        print(f"Mask R-CNN with {kind}: {params:,} params, {data.num_classes - 1} classes, "
-              f"{cfg.image_size} px", flush=True)
+        print(f"Mask R-CNN with {kind}: {params:,} params ({trainable:,} trainable: freeze "
+              f"{cfg.freeze}, adapters every {cfg.adapters.every}), {data.num_classes - 1} "
+              f"classes, {cfg.image_size} px", flush=True)
         print(f"recipe: AdamW lr {o.lr:g} @ batch {o.reference_batch} -> {o.effective_lr:.3g} "
               f"@ global batch {o.batch_size} ({max(options.workers, 1)} worker(s)), wd "
               f"{o.weight_decay:g}, layer decay {o.layer_decay}, {o.schedule} over {o.epochs} "
@@ -133,7 +154,8 @@ class DetectionMethod(Method):
         result = results[0]
         m = result.metrics
         split = result.plan.split
-        ap = {kind: {k: _number(m.get(metric_key(split, f"{kind}_{k}"))) for k in AP_KEYS}
+        keys = [*AP_KEYS, *(f"AP_{name}" for name in self._bins(cfg, data))]
+        ap = {kind: {k: _number(m.get(metric_key(split, f"{kind}_{k}"))) for k in keys}
               for kind in IOU_TYPES}
         return {
             "method": "detection",
@@ -144,12 +166,15 @@ class DetectionMethod(Method):
             "eval_images": data.eval_rows,
             "train_images": data.train_rows,
             "classes": data.class_names,
+            "frequency_bins": self._bins(cfg, data),
             "epochs": int(m["epoch"]),
             "bbox": ap["bbox"],
             "segm": ap["segm"],
             "train_loss": _number(m.get("train_loss")),
             "train_img_per_s": _number(m.get("img_per_s")),
-            "params": self._params(cfg, data.num_classes),
+            "params": self._params(cfg, data.num_classes)[0],
+            "trainable_params": self._params(cfg, data.num_classes)[1],
+            "freeze": cfg.freeze,
             "checkpoint": result.checkpoint,
             "seconds": round(result.seconds, 1),
         }
@@ -176,7 +201,21 @@ class DetectionMethod(Method):
         for kind, label in (("bbox", "box"), ("segm", "mask")):
             lines.append(f"| {label} | " + " | ".join(_percent(summary[kind][k])
                                                       for k in AP_KEYS) + " |")
-        lines += ["", f"- params {summary['params']:,}; training "
+        bins = summary.get("frequency_bins") or {}
+        if bins:
+            lines += ["", f"AP by class frequency ({cfg.ap_bins_count} per category in the "
+                          f"training split; n/a: no ground truth of that bin evaluated):", "",
+                      "| bin | count range | classes | box AP | mask AP |",
+                      "|---|---|---|---|---|"]
+            for name, (lo, hi) in cfg.frequency_ranges().items():
+                classes = bins.get(name, [])
+                shown = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
+                lines.append(f"| {name} | {lo}-{'' if hi is None else hi} | "
+                             f"{len(classes)}{': ' + shown if classes else ''} | "
+                             f"{_percent(summary['bbox'].get('AP_' + name))} | "
+                             f"{_percent(summary['segm'].get('AP_' + name))} |")
+        lines += ["", f"- params {summary['params']:,} ({summary['trainable_params']:,} "
+                      f"trainable; freeze {summary['freeze']}); training "
                       f"{_fmt(summary['train_img_per_s'])} img/s (all workers); wall time "
                       f"{summary['seconds']:.0f} s", ""]
         for path, caption in ((losses, "training losses per epoch"), (aps, "AP per epoch")):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from raylab import config as cfglib
+from raylab.errors import ConfigError
+from raylab.metrics.detection import FREQUENCY_BINS, FREQUENCY_COUNTS, frequency_bins
 from raylab.models.detection import DetectorConfig
 from raylab.optim.config import AdamWConfig
 from raylab.transforms.detection import LSJ, SSJ
@@ -93,6 +95,13 @@ class DetectionConfig(DetectorConfig, cfglib.EpochConfig):
     #: Evaluation images drawn with their detections in the run's report.
     report_images: int = 4
     checkpoint_every: int = 5
+    #: AP by class frequency (as LVIS: rare / common / frequent) in the report.
+    ap_by_frequency: bool = True
+    #: Its bins: name -> inclusive [lo, hi] range (hi null: no bound) of a category's count
+    #: in the training split; empty: LVIS's rare [1, 10], common [11, 100], frequent [101, -].
+    ap_bins: dict[str, list[int | None]] = field(default_factory=dict)
+    #: What the bins count: ``instances`` (non-crowd annotations) or ``images`` (LVIS).
+    ap_bins_count: str = "instances"
     aug: DetectionAugConfig = field(default_factory=DetectionAugConfig)
     optim: DetectionOptimConfig = field(default_factory=DetectionOptimConfig)
 
@@ -110,6 +119,27 @@ class DetectionConfig(DetectorConfig, cfglib.EpochConfig):
                        self.report_images)
         cfglib.require(0.0 <= self.score_threshold < 1.0, "score_threshold", "in [0, 1)",
                        self.score_threshold)
+        cfglib.require(self.ap_bins_count in FREQUENCY_COUNTS, "ap_bins_count",
+                       f"one of {list(FREQUENCY_COUNTS)}", self.ap_bins_count)
+        try:
+            frequency_bins({}, self.frequency_ranges())
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config key 'ap_bins': {exc}") from None
+
+    def frequency_ranges(self) -> dict[str, tuple[int, int | None]]:
+        """``ap_bins`` as :func:`raylab.metrics.detection.frequency_bins` takes them."""
+        if not self.ap_bins:
+            return dict(FREQUENCY_BINS)
+        if not isinstance(self.ap_bins, dict):
+            raise ConfigError(f"config key 'ap_bins': expected a mapping of bin name "
+                                     f"to [lo, hi], got {self.ap_bins!r}")
+        out = {}
+        for name, value in self.ap_bins.items():
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ConfigError(f"config key 'ap_bins.{name}': expected [lo, hi], "
+                                         f"got {value!r}")
+            out[str(name)] = (value[0], value[1])
+        return out
 
     def detector_config(self, num_classes: int | None = None) -> DetectorConfig:
         """The detector's part of this config; ``num_classes`` from the data when 0."""

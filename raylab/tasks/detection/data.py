@@ -48,6 +48,9 @@ class DetectionData:
     eval_rows: int
     train_folder: str
     eval_folder: str
+    #: COCO category id -> its count in the training split (``cfg.ap_bins_count``), for
+    #: AP by class frequency; every category listed (0 when unseen).
+    train_counts: dict[int, int] | None = None
 
     @property
     def label_map(self) -> dict[int, int]:
@@ -103,7 +106,33 @@ def load_detection_data(cfg: DetectionConfig) -> DetectionData:
         eval_rows=int(evaluate["rows"]),
         train_folder=str(split_folder(cfg, cfg.train_split)),
         eval_folder=str(split_folder(cfg, cfg.eval_split)),
+        train_counts=category_counts(shard_paths(split_folder(cfg, cfg.train_split)),
+                                     [int(c["id"]) for c in categories], cfg.ap_bins_count)
+        if cfg.ap_by_frequency else None,
     )
+
+
+def category_counts(paths: list[str], category_ids: list[int], count: str = "instances"
+                    ) -> dict[int, int]:
+    """Per category, its non-crowd annotations (``instances``) or the images holding one
+    (``images``) in the shards ``paths``: two list columns read, no pixels.
+
+    Raises:
+        DataError: A shard without the ``category_ids`` / ``iscrowd`` columns.
+    """
+    counts = dict.fromkeys(category_ids, 0)
+    for path in paths:
+        try:
+            table = pq.read_table(path, columns=["category_ids", "iscrowd"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"cannot read category_ids/iscrowd ({exc}); expected a coco "
+                            "shard", path=path) from None
+        for cats, crowd in zip(table.column("category_ids").to_pylist(),
+                               table.column("iscrowd").to_pylist(), strict=True):
+            found = [int(c) for c, z in zip(cats or [], crowd or [], strict=True) if not z]
+            for c in (set(found) if count == "images" else found):
+                counts[c] = counts.get(c, 0) + 1
+    return counts
 
 
 def _ids_names(categories: list[dict[str, Any]]) -> list[tuple[int, str]]:

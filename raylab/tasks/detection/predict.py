@@ -40,7 +40,10 @@ class TrainedDetector:
         if meta.get("method") != "detection":
             raise CheckpointError(f"{checkpoint}: a checkpoint of method "
                                   f"{meta.get('method')!r}, not of the detection method")
-        self.cfg = cfglib.from_dict(DetectionConfig, meta["config"])
+        # The run's own weights hold the backbone: its pretraining run's folder is not
+        # needed (nor read) to predict.
+        self.cfg = cfglib.apply_overrides(cfglib.from_dict(DetectionConfig, meta["config"]),
+                                          {"backbone_checkpoint": ""})
         self.categories: list[dict[str, Any]] = meta["categories"]
         self.category_of = {i + 1: c["id"] for i, c in
                             enumerate(sorted(self.categories, key=lambda c: c["id"]))}

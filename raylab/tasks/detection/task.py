@@ -26,7 +26,7 @@ from raylab.engine.loop import Task, TrainState
 from raylab.engine.precision import autocast
 from raylab.engine.schedules import cosine_schedule, set_lr, step_schedule
 from raylab.engine.shards import EpochBatches, EvalBatches
-from raylab.metrics.detection import AP_KEYS, coco_eval
+from raylab.metrics.detection import coco_eval
 from raylab.models.detection import build_detector
 from raylab.optim import build_optimizer
 from raylab.tasks.detection.config import DetectionConfig
@@ -76,6 +76,8 @@ class DetectionTask(Task):
         self.cfg, self.ctx = cfg, ctx
         self.split: str = run["split"]
         self.categories: list[dict[str, Any]] = run["categories"]
+        #: Bin name -> COCO category ids, for AP by class frequency (None: not asked).
+        self.ap_bins: dict[str, list[int]] | None = run.get("ap_bins")
         label_map = contiguous_label_map(c["id"] for c in self.categories)
         self.category_of = {label: cid for cid, label in label_map.items()}
         o = cfg.optim
@@ -151,11 +153,12 @@ class DetectionTask(Task):
                             "annotations": [a for _, _, anns in gathered for a in anns],
                             "categories": self.categories}
             results = coco_eval(ground_truth, [d for dets, _, _ in gathered for d in dets],
-                                IOU_TYPES)
-            # A size range without ground truth has no AP (COCOeval's -1): not reported.
-            metrics = {metric_key(self.split, f"{kind}_{k}"): float(results[kind][k])
-                       for kind in IOU_TYPES for k in AP_KEYS
-                       if math.isfinite(results[kind][k])}
+                                IOU_TYPES, frequency_bins=self.ap_bins)
+            # A size range (or frequency bin) without ground truth has no AP (COCOeval's
+            # -1): not reported.
+            metrics = {metric_key(self.split, f"{kind}_{k}"): float(v)
+                       for kind in IOU_TYPES for k, v in results[kind].items()
+                       if math.isfinite(v)}
             metrics[metric_key(self.split, ROWS)] = len(all_images)
         return self.ctx.broadcast_object(metrics)
 
