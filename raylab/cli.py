@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--min-score", type=float, default=0.5,
                          help="draw detections from this score up (all are in the JSON)")
 
+    export = sub.add_parser("export", help="several runs on one frozen backbone as one bundle")
+    export.add_argument("kind", choices=["multitask"])
+    export.add_argument("out", help="a new folder for the bundle")
+    export.add_argument("tasks", nargs="+", metavar="NAME=MODEL",
+                        help="a task's name and its run's model folder (<experiment>/run/model)")
+
     table = sub.add_parser("clear-table", help="the CLEAR paper's Table 1 from finished runs")
     table.add_argument("experiments", nargs="+",
                        help="CLEAR run folders, or folders holding them")
@@ -456,6 +462,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from raylab.errors import ConfigError
+    from raylab.export import export_multitask
+
+    tasks: dict[str, str] = {}
+    for item in args.tasks:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"task {item!r}: expected NAME=MODEL_FOLDER")
+        if name in tasks:
+            raise ConfigError(f"task name {name!r} given twice")
+        tasks[name] = path
+    report = export_multitask(tasks, args.out)
+    mb = 2**20
+    print(f"{'task':<16} {'method':<10} {'model alone MB':>14} {'adds to bundle MB':>17}")
+    for name, t in report["tasks"].items():
+        print(f"{name:<16} {str(t['method']):<10} {t['alone_bytes'] / mb:>14.2f} "
+              f"{t['own_bytes'] / mb:>17.2f}")
+    print(f"shared ({report['shared_tensors']} tensors, stored once): "
+          f"{report['shared_bytes'] / mb:.2f} MB")
+    print(f"bundle {report['bundle_bytes'] / mb:.2f} MB vs {report['separate_bytes'] / mb:.2f} "
+          f"MB as separate models: {report['saved_bytes'] / mb:.2f} MB saved -> {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from raylab import bench
 
@@ -474,7 +505,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"methods": cmd_methods, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
             "analyze": cmd_analyze, "clear-table": cmd_clear_table, "assess": cmd_assess,
-            "predict": cmd_predict, "bench": cmd_bench, "demo": cmd_demo}
+            "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench,
+            "demo": cmd_demo}
 
 
 def find_raylab_error(exc: BaseException) -> RaylabError | None:

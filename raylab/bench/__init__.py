@@ -84,6 +84,9 @@ BENCHES: dict[str, Bench] = {
                                "a short CPU run on coco128: its AP"),
     "minivit-cifar": Bench("minivit:bench_minivit_cifar",
                            "MiniViT: teacher, plain, multiplexed and distilled student"),
+    "reuse": Bench("reuse:bench_reuse",
+                   "frozen backbone reuse: scratch, fine-tuned, frozen, adapters, bigger "
+                   "detector (CIFAR + detection sample)"),
     "gpu-steps": Bench("gpu:bench_steps",
                        "ConvNeXt, DINO and ViTDet steps on a GPU vs plain steps"),
 }

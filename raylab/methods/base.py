@@ -134,6 +134,17 @@ class Method:
     def write_report(self, cfg: Any, summary: dict[str, Any], folder: Path) -> None:
         """Plots and ``report.md`` in the experiment folder (may add to ``summary``)."""
 
+    def model_from_meta(self, meta: dict[str, Any]) -> Any:
+        """The network of one of this method's runs, random init, from its checkpoint's
+        ``meta.json`` alone (the run's weights are loaded next): what ``raylab export``
+        rebuilds models with.
+
+        Raises:
+            RaylabError: The method's models are not exported.
+        """
+        raise RaylabError(f"method {self.name!r}: its models cannot be exported (export "
+                          "takes convnext, minivit, reuse and detection runs)")
+
     def describe(self, cfg: Any, options: RunOptions, data: Any) -> None:
         """Print what is about to train (model, recipe) before the first run."""
 

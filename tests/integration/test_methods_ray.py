@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import scenarios
 
 from raylab.cli import main
 from raylab.engine.checkpoint import load_meta
@@ -36,6 +37,10 @@ SMOKE = {
     "minivit": ["--set", "model=vit_tiny_patch16_224", "--set", "input_size=32",
                 "--set", "patch_size=8", "--set", "depth=2", "--set", "optim.batch_size=16",
                 "--set", "optim.warmup_epochs=0", "--set", "max_train_rows=64"],
+    # The backbone: a saved ResNet-10-T run (tests/scenarios.py), frozen, with an adapter.
+    "reuse": ["--set", "input_size=32", "--set", "optim.batch_size=16",
+              "--set", "optim.warmup_epochs=0", "--set", "max_train_rows=64",
+              "--set", "adapters.every=1", "--set", "adapters.dim=8"],
     "detection": ["--set", "model=vit_tiny_patch16_224", "--set", "image_size=64",
                   "--set", "model_kwargs={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8}",
                   "--set", "window_size=4", "--set", "global_blocks=[1]", "--set", "channels=16",
@@ -54,7 +59,7 @@ def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
             "clear": tiny_clear_stream, "detection": detection_shards,
-            "minivit": root / "images"}
+            "minivit": root / "images", "reuse": root / "images"}
 
 
 def test_every_method_has_a_smoke_run() -> None:
@@ -63,7 +68,9 @@ def test_every_method_has_a_smoke_run() -> None:
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
 def test_one_epoch_in_process(ray_cluster, samples: dict, name: str, tmp_path: Path) -> None:
-    rc = main(["train", name, "--data", str(samples[name]), *SMOKE[name],
+    extra = ["--set", f"backbone_checkpoint={scenarios.reuse_backbone()}"] \
+        if name == "reuse" else []
+    rc = main(["train", name, "--data", str(samples[name]), *SMOKE[name], *extra,
                "--set", "optim.epochs=1", "--workers", "0", "--storage", str(tmp_path),
                "--name", "one"])
     assert rc == 0

@@ -124,6 +124,27 @@ def test_resume_matches_the_uninterrupted_run(name: str, tmp_path: Path) -> None
                                                 "replayed_from_checkpoint": True}
 
 
+def test_frozen_backbone_stays_bit_identical_on_two_workers() -> None:
+    """Every backbone tensor of a frozen run (weights and BatchNorm statistics) is the
+    saved checkpoint's, bit for bit, after 3 epochs on 2 workers; the head and adapters
+    trained, and the two workers match one process (the reuse scenario's gradient-sync
+    check)."""
+    one, _ = scenarios.train("reuse")
+    (w0, _), (w1, _) = run_ranks(scenarios.train, 2, "reuse", {})
+    _same_replicas(w0, w1)
+    _close(w0, one)
+    saved = load_checkpoint(scenarios.reuse_backbone())["model"]
+    model = {k.removeprefix("model."): v for k, v in w0.items() if k.startswith("model.")}
+    trained = {k for k in model if k.startswith("fc.") or ".adapter." in k}
+    assert {k for k in trained if ".adapter." in k} == {
+        f"layer1.0.adapter.fc{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    for name, value in model.items():
+        if name not in trained:
+            assert torch.equal(value, saved[name.replace(".block.", ".")]), name
+    # The adapter's zero-initialised last layer moved: it trained with the head.
+    assert model["layer1.0.adapter.fc2.weight"].abs().sum() > 0
+
+
 def test_dino_center_is_the_same_on_every_worker() -> None:
     (_, r0), (_, r1) = run_ranks(scenarios.train, 2, "dino", {})
     assert all(r["center_spread"] == 0.0 for r in r0)

@@ -128,3 +128,16 @@ def test_missing_equals_sign() -> None:
 def test_parse_dimension_direct() -> None:
     assert parse_dimension(SkillConfig, "seed", "[0, 1, 2]") == Dimension(
         "seed", "choice", (0, 1, 2))
+
+
+def test_detection_searches_freeze_adapters_and_capacity() -> None:
+    """Frozen-backbone reuse's knobs are searchable keys of ``raylab tune detection``."""
+    from raylab.tasks.detection.config import DetectionConfig
+
+    dims = {d.key: d for d in parse_space(DetectionConfig, [
+        "freeze=[none, backbone, backbone+norms]", "adapters.dim=[16, 64]",
+        "adapters.every=(0, 2)", "fpn_layers=[0, 2]", "head_convs=(2, 6)"])}
+    assert dims["freeze"].values == ("none", "backbone", "backbone+norms")
+    assert dims["adapters.dim"].values == (16, 64)
+    assert (dims["adapters.every"].kind, dims["head_convs"].kind) == ("int", "int")
+    assert dims["fpn_layers"].values == (0, 2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import scenarios
 
 from raylab import config as cfglib
 from raylab.registry import get_method, list_methods
@@ -27,13 +28,15 @@ def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
             "clear": tiny_clear_stream, "detection": detection_shards,
-            "minivit": root / "images"}
+            "minivit": root / "images", "reuse": root / "images"}
 
 
 #: Configs small enough to plan (nothing is trained).
 SETTINGS = {"skill": {}, "convnext": {"optim.batch_size": 16},
             "dino": {"optim.batch_size": 16}, "clear": {}, "detection": {"val_fraction": 0.2},
-            "minivit": {"optim.batch_size": 16}}
+            "minivit": {"optim.batch_size": 16},
+            "reuse": {"optim.batch_size": 16,
+                      "backbone_checkpoint": str(scenarios.reuse_backbone())}}
 
 
 def test_every_method_is_covered() -> None:

@@ -61,6 +61,10 @@ class ConvNeXtMethod(Method):
         """The network the workers train (random init), for its cost on the driver."""
         return build_model(cfg, num_classes)
 
+    def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
+        cfg = cfglib.from_dict(self.Config, meta["config"])
+        return self.build_model(cfg, len(meta["class_names"]))
+
     def checkpoint_meta(self, cfg: ConvNeXtConfig, class_names: list[str]) -> dict[str, Any]:
         return {"method": self.name, "config": cfglib.to_dict(cfg),
                 "class_names": class_names, "input_size": cfg.input_size}
