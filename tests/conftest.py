@@ -33,6 +33,20 @@ def sample_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_jigsaws_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Suturing only, every subject, trials 1-3 of 240-300 frames (~500 windows at step 10,
+    a sixth of the full sample): for tests of the platform (faults, Tune, job submission)
+    that need whole runs, not learning."""
+    from raylab.data.jigsaws import convert_jigsaws, write_sample
+
+    root = tmp_path_factory.mktemp("small_jigsaws")
+    raw = write_sample(root / "raw", tasks=("Suturing",), trials=(1, 2, 3), frames=(240, 300),
+                       seed=0)
+    convert_jigsaws(raw, root / "shards")
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
 def tiny_jigsaws_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two short Suturing trials of two subjects: enough for checks that stop before Ray."""
     from raylab.data.jigsaws import convert_jigsaws, write_sample

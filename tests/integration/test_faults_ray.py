@@ -175,10 +175,10 @@ STREAM = ("--set", "materialize_mb=0", "--set", "cache_mb=0")
 
 
 @pytest.fixture()
-def shards(sample_shards: Path, tmp_path: Path) -> Path:
+def shards(small_jigsaws_shards: Path, tmp_path: Path) -> Path:
     """A private copy of the session's sample shards, free to damage."""
     dst = tmp_path / "shards"
-    shutil.copytree(sample_shards, dst)
+    shutil.copytree(small_jigsaws_shards, dst)
     return dst
 
 
@@ -314,13 +314,14 @@ def test_shard_damaged_mid_run_in_a_worker(ray_cluster, shards: Path, tmp_path: 
 
 
 @pytest.mark.ray
-def test_damaged_latest_ray_checkpoint_falls_back(ray_cluster, sample_shards: Path,
+def test_damaged_latest_ray_checkpoint_falls_back(ray_cluster, small_jigsaws_shards: Path,
                                                   tmp_path: Path) -> None:
     """Ray Train keeps two checkpoints (num_to_keep=2); with the newer one truncated, the
     rerun resumes from the older one: it trains epoch 2 again, not from epoch 1 (a fresh
     start) and not epoch 3 (the damaged state)."""
     storage = tmp_path / "runs"
-    assert _train(sample_shards, storage, "ck", "--set", "optim.epochs=2", "--workers", "1") == 0
+    assert _train(small_jigsaws_shards, storage, "ck", "--set", "optim.epochs=2",
+                  "--workers", "1") == 0
     run = storage / "ck" / FOLD
     assert _epochs(run) == [1, 2]
     newest = max(p for p in run.glob("checkpoint_*") if p.is_dir())
@@ -328,7 +329,8 @@ def test_damaged_latest_ray_checkpoint_falls_back(ray_cluster, sample_shards: Pa
     state = newest / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
-    assert _train(sample_shards, storage, "ck", "--set", "optim.epochs=3", "--workers", "1") == 0
+    assert _train(small_jigsaws_shards, storage, "ck", "--set", "optim.epochs=3",
+                  "--workers", "1") == 0
     assert _epochs(run) == [1, 2, 2, 3]
     summary = json.loads((storage / "ck" / "summary.json").read_text())
     assert summary["folds"][0]["epochs"] == 3

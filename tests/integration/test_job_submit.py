@@ -64,7 +64,7 @@ def _listening_hosts(port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
-def test_job_submit_to_a_local_head(sample_shards: Path, tmp_path: Path) -> None:
+def test_job_submit_to_a_local_head(small_jigsaws_shards: Path, tmp_path: Path) -> None:
     import ray
 
     if ray.is_initialized():  # one Ray at a time on 2 cores; later tests start it again
@@ -91,7 +91,7 @@ def test_job_submit_to_a_local_head(sample_shards: Path, tmp_path: Path) -> None
         submit = [ray_cli, "job", "submit", "--working-dir", str(REPO),
                   "--runtime-env", "jobs/runtime_env.yaml", "--",
                   "raylab", "train", "skill", "--config", "jobs/configs/skill/suturing_loso.yaml",
-                  "--data", str(sample_shards), "--storage", str(storage), "--name", "job",
+                  "--data", str(small_jigsaws_shards), "--storage", str(storage), "--name", "job",
                   "--workers", "1", "--set", "folds=[supertrial1]", "--set", "step=10",
                   "--set", "optim.epochs=2"]
         done = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True,

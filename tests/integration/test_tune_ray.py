@@ -18,9 +18,9 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def experiment(ray_cluster, sample_shards, tmp_path_factory) -> Path:
+def experiment(ray_cluster, small_jigsaws_shards, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("tune")
-    rc = main(["tune", "skill", "--data", str(sample_shards), "--set", "optim.epochs=2",
+    rc = main(["tune", "skill", "--data", str(small_jigsaws_shards), "--set", "optim.epochs=2",
                "--space", "window=[30,60]", "--trials", "2", "--grace-period", "1",
                "--storage", str(storage), "--name", "exp"])
     assert rc == 0
