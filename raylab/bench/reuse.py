@@ -213,7 +213,8 @@ def bench_reuse(opts: BenchOptions) -> dict[str, Any]:
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     src = Path(opts.data) if opts.data else shared_data() / "cifar10"
     if src.is_dir():
-        say_data(f"the real CIFAR-10 subset at {src} (classes split in two tasks)")
+        what = f"ImageFolder {src}" if opts.data else f"the real CIFAR-10 subset at {src}"
+        say_data(f"{what} (its classes split in two tasks)")
     else:
         say_data(f"SYNTHETIC shapes (no CIFAR-10 at {src}; set RAYLAB_DATA)")
         src = write_image_sample(tmp / "raw", classes=10, train_per_class=200,
