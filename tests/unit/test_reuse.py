@@ -161,3 +161,24 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path, resnet_checkpoint) -> None:
     save_checkpoint(other, model=nn.Linear(2, 2), meta={"method": "skill", "config": {}})
     with pytest.raises(CheckpointError, match="holds no backbone"):
         build_reuse_model(_cfg(other), 3)
+
+
+def test_ddp_all_reduces_only_what_trains(resnet_checkpoint, tmp_path: Path) -> None:
+    """Frozen before DDP wraps the model: DDP's reducer holds the head and adapters only,
+    so their gradients are the only ones all-reduced."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    folder, _ = resnet_checkpoint
+    model, _ = build_reuse_model(_cfg(folder, adapters={"every": 1, "dim": 8}), 4)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        # What DDP hands its reducer (the tensors whose gradients it all-reduces).
+        params, _ = ddp._build_params_for_reducer()
+        reduced = {id(p) for p in params}
+    finally:
+        dist.destroy_process_group()
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert reduced == trainable and 0 < len(trainable) < len(list(model.parameters()))

@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from raylab import config as cfglib
+from raylab.errors import CheckpointError
 from raylab.methods.base import RunResult
 from raylab.methods.convnext.method import ConvNeXtMethod
 from raylab.methods.reuse.config import ReuseConfig
@@ -76,6 +77,9 @@ class ReuseMethod(ConvNeXtMethod):
                 "backbone_meta": backbone_meta(cfg.backbone_checkpoint)}
 
     def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
+        if not isinstance(meta.get("backbone_meta"), dict):
+            raise CheckpointError("a reuse checkpoint without its backbone's meta (written "
+                                  "before raylab kept it); retrain it to export it")
         cfg = cfglib.from_dict(ReuseConfig, meta["config"])
         return build_reuse_model(cfg, len(meta["class_names"]), meta["backbone_meta"])[0]
 
