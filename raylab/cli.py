@@ -58,29 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="raw dataset -> Parquet shards + manifest.json",
         usage="raylab data convert {jigsaws,imagefolder,clear} SRC DST [options]\n"
               "       raylab data convert coco IMAGES ANNOTATIONS.json DST [--skip-bad] "
-              "[--overwrite]")
+              "[--overwrite]\n"
+              "       raylab data convert segmentation IMAGES MASKS DST --classes MAP "
+              "[--splits NAME=FOLDER,...] [--five-crop RATIO] [--skip-bad] [--overwrite]")
     conv.add_argument("format", choices=list(_CONVERT_PATHS), help="raw dataset format")
     conv.add_argument("paths", nargs="+", metavar="PATH",
                       help="SRC DST; for coco: IMAGES (the image folder) ANNOTATIONS.json "
-                           "(COCO instances) DST")
+                           "(COCO instances) DST; for segmentation: IMAGES MASKS DST (roots "
+                           "of IMAGES/<split>/* and MASKS/<split>[annot]/<stem>.png)")
     conv.add_argument("--tasks", nargs="+", default=None, help="subset of tasks (JIGSAWS)")
     conv.add_argument("--splits", default=None, metavar="A,B",
                       help="comma-separated split folders, e.g. train,test (imagefolder; "
-                           "default: all)")
+                           "default: all); segmentation: NAME=FOLDER entries, e.g. "
+                           "train=train2017,val=val2017 (a bare FOLDER keeps its name)")
     conv.add_argument("--skip-bad", action="store_true",
                       help="skip and record files that are not decodable images "
-                           "(imagefolder, clear), or bad annotations and images (coco); "
+                           "(imagefolder, clear), bad annotations and images (coco), or "
+                           "images with a missing or bad mask (segmentation); "
                            "default: fail listing them")
-    conv.add_argument("--classes", default=None, metavar="A,B",
-                      help="comma-separated class names to keep (clear; default: all)")
+    conv.add_argument("--classes", default=None, metavar="A,B|MAP",
+                      help="clear: comma-separated class names to keep (default: all); "
+                           "segmentation (required): the class map: camvid, a COCO panoptic "
+                           "categories JSON (27 coarse COCO-Stuff classes), or a YAML/JSON "
+                           "file {classes: [..], map: {value: class}, void: [..]}")
     conv.add_argument("--buckets", default=None, metavar="SPEC",
                       help="buckets to convert, e.g. 1-5 or 0,2,3 (clear; default: all)")
+    conv.add_argument("--five-crop", type=float, default=None, metavar="RATIO",
+                      help="segmentation: cut each train image into 5 square crops of side "
+                           "RATIO * min(height, width), e.g. 0.5 (default: whole images)")
     conv.add_argument("--overwrite", action="store_true")
     insp = dsub.add_parser("inspect", help="what a shard folder holds")
     insp.add_argument("dst")
     insp.add_argument("--json", action="store_true", help="one JSON object on stdout")
     samp = dsub.add_parser("sample", help="write a small synthetic raw sample")
-    samp.add_argument("format", choices=["jigsaws", "images", "clear", "detection"])
+    samp.add_argument("format", choices=["jigsaws", "images", "clear", "detection",
+                                         "segmentation"])
     samp.add_argument("dst")
     samp.add_argument("--seed", type=int, default=0)
     g = samp.add_argument_group("images (synthetic ImageFolder) and detection (synthetic "
@@ -88,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=int, default=None,
                    help="number of classes (default 4; detection 3)")
     g.add_argument("--size", type=int, default=None,
-                   help="image side in pixels (default 32; detection 128)")
+                   help="image side in pixels (default 32; detection 128; segmentation 64)")
     g.add_argument("--train-per-class", type=int, default=None, help="images: default 60")
     g.add_argument("--test-per-class", type=int, default=None, help="images: default 20")
     g.add_argument("--images", type=int, default=None,
@@ -240,12 +252,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 #: The ``data sample`` size flags and the formats that take them.
-_SAMPLE_FLAGS = {"classes": ("images", "detection"), "size": ("images", "detection"),
+_SAMPLE_FLAGS = {"classes": ("images", "detection"),
+                 "size": ("images", "detection", "segmentation"),
                  "train_per_class": ("images",), "test_per_class": ("images",),
                  "images": ("detection",), "val_images": ("detection",)}
 #: The positional paths each ``data convert`` format takes (the last is the output).
 _CONVERT_PATHS = {"jigsaws": ("SRC", "DST"), "imagefolder": ("SRC", "DST"),
-                  "clear": ("SRC", "DST"), "coco": ("IMAGES", "ANNOTATIONS.json", "DST")}
+                  "clear": ("SRC", "DST"), "coco": ("IMAGES", "ANNOTATIONS.json", "DST"),
+                  "segmentation": ("IMAGES", "MASKS", "DST")}
 
 
 def _only_for(args: argparse.Namespace, fmt: str | tuple[str, ...],
@@ -264,16 +278,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.data_command == "convert":
         _only_for(args, "jigsaws", {"--tasks": args.tasks is not None})
-        _only_for(args, "imagefolder", {"--splits": args.splits is not None})
-        _only_for(args, ("imagefolder", "clear", "coco"), {"--skip-bad": args.skip_bad})
-        _only_for(args, "clear", {"--classes": args.classes is not None,
-                                  "--buckets": args.buckets is not None})
+        _only_for(args, ("imagefolder", "segmentation"), {"--splits": args.splits is not None})
+        _only_for(args, ("imagefolder", "clear", "coco", "segmentation"),
+                  {"--skip-bad": args.skip_bad})
+        _only_for(args, ("clear", "segmentation"), {"--classes": args.classes is not None})
+        _only_for(args, "clear", {"--buckets": args.buckets is not None})
+        _only_for(args, "segmentation", {"--five-crop": args.five_crop is not None})
         expected = _CONVERT_PATHS[args.format]
         if len(args.paths) != len(expected):
             raise RaylabError(f"data convert {args.format}: expected {len(expected)} paths "
                               f"({' '.join(expected)}), got {len(args.paths)}")
         if args.format == "coco":
             return _convert_coco(args)
+        if args.format == "segmentation":
+            return _convert_segmentation(args)
         args.src, args.dst = args.paths
         if args.format == "clear":
             summary = clear.convert_clear(args.src, args.dst, classes=args.classes,
@@ -305,6 +323,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         elif args.format == "images":
             path = imagefolder.write_image_sample(args.dst, seed=args.seed, **given)
             print(f"wrote a synthetic ImageFolder image sample to {path}")
+        elif args.format == "segmentation":
+            from raylab.data.segmentation import write_segmentation_sample
+
+            path = write_segmentation_sample(args.dst, seed=args.seed, **given)
+            print(f"wrote a synthetic segmentation sample to {path} (convert it: raylab data "
+                  f"convert segmentation {path}/images {path}/masks SHARDS --classes "
+                  f"{path}/classes.yaml)")
         elif args.format == "detection":
             from raylab.data.detection_sample import write_detection_sample
 
@@ -335,6 +360,31 @@ def _convert_coco(args: argparse.Namespace) -> int:
         print(f"raylab: skipped {kinds['image']} bad image(s) and {kinds['annotation']} bad "
               f"annotation(s), listed under extra.skipped in {Path(dst) / 'manifest.json'}",
               file=sys.stderr)
+    return 0
+
+
+def _convert_segmentation(args: argparse.Namespace) -> int:
+    from raylab.data.segmentation import convert_segmentation
+
+    if args.classes is None:
+        raise RaylabError("data convert segmentation: --classes MAP is required: camvid, a "
+                          "COCO panoptic categories JSON (e.g. coco128/annotations/"
+                          "panoptic_categories.json), or a YAML/JSON file {classes: [..], "
+                          "map: {value: class}, void: [..]}")
+    images, masks, dst = args.paths
+    manifest = convert_segmentation(images, masks, dst, classes=args.classes,
+                                    splits=args.splits, five_crop=args.five_crop or 0.0,
+                                    skip_bad=args.skip_bad, overwrite=args.overwrite)
+    extra = manifest["extra"]
+    skipped = extra["skipped"]
+    summary = {"rows": manifest["rows"], "splits": extra["counts"],
+               "classes": len(extra["class_names"]), "class_names": extra["class_names"],
+               "five_crop": extra["five_crop"], "skipped": len(skipped),
+               "shards": len(manifest["shards"]), "dst": str(dst)}
+    print(json.dumps(summary, indent=2))
+    if skipped:
+        print(f"raylab: skipped {len(skipped)} image(s), listed under extra.skipped in "
+              f"{Path(dst) / 'manifest.json'}", file=sys.stderr)
     return 0
 
 
@@ -389,6 +439,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         data = method.check(cfg, options, tune=True)
         _storage(options)
         ensure_ray(args.address, verbose=args.verbose)
+        data = method.prepare(cfg, data, options)  # e.g. features every trial reuses
         print(f"raylab tune {method.name}: {args.trials} trials, experiment {name} "
               f"in {options.storage}", flush=True)
         spec = tuner.run_search(method, cfg, options, space, args.trials,

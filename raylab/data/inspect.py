@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raylab.data import clear, coco, imagefolder
+from raylab.data import clear, coco, imagefolder, segmentation
 from raylab.data.jigsaws import SKILL_LEVELS
 from raylab.data.shards import MANIFEST, read_manifest, shard_paths, unreadable_shard
 from raylab.errors import DataError
@@ -50,6 +50,11 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         shards, in category-table order), ``categories``, ``mask_kinds`` ({polygon, rle,
         uncompressed_rle}: what the source held), ``crowd``, ``skipped`` ({"image": [..],
         "annotation": [..]} of {kind, id, file, reason}) and ``extra`` (source paths).
+        For ``format="segmentation"``: ``split_rows`` ({split: rows}, read from the
+        shards), ``counts`` ({split: {class name: pixels}}), ``void_pixels`` ({split: n}),
+        ``pixel_share`` ({class name: share of the labelled pixels over all splits}),
+        ``void_share`` (of all pixels), ``class_names``, ``split_shards`` ({split: number
+        of shards}), ``five_crop``, ``skipped`` ({"bad_file": [{"path", "reason"}]}).
 
     Raises:
         DataError: The folder or manifest is invalid.
@@ -59,6 +64,8 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
     manifest = read_manifest(dst)
     if manifest["format"] == coco.FORMAT:
         return _inspect_coco(dst)
+    if manifest["format"] == segmentation.FORMAT:
+        return _inspect_segmentation(dst)
     schema = manifest["schema"]
     columns = [c for c in _SMALL_COLUMNS if c in schema]
     values: dict[str, list[Any]] = defaultdict(list)
@@ -190,6 +197,52 @@ def _inspect_coco(dst: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def _inspect_segmentation(dst: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a segmentation shard folder: rows per split, pixels per class."""
+    manifest = segmentation.segmentation_manifest(dst)
+    extra = manifest["extra"]
+    names = extra["class_names"]
+    rows: Counter = Counter()
+    for shard in manifest["shards"]:
+        table = _read_columns(os.path.join(dst, shard["file"]), ["split"])
+        rows.update(table.column("split").to_pylist())
+    splits = list(extra["split_shards"])
+    pixels = extra.get("pixels") or {}
+    counts = {}
+    for split in splits:
+        found = pixels.get(split) or [0] * len(names)
+        if not (isinstance(found, list) and len(found) == len(names)):
+            raise DataError(f'"extra.pixels" of split {split!r} holds {found!r}; expected '
+                            f"{len(names)} pixel counts (one per class)",
+                            path=Path(dst) / MANIFEST)
+        counts[split] = dict(zip(names, found, strict=True))
+    void = {s: int((extra.get("void_pixels") or {}).get(s, 0)) for s in splits}
+    totals = {n: sum(c[n] for c in counts.values()) for n in names}
+    labelled = sum(totals.values())
+    shown = ("class_map_source", "split_folders", "source")
+    return {
+        "format": manifest["format"],
+        "rows": manifest["rows"],
+        "frames": None,
+        "split_rows": {s: rows[s] for s in splits},
+        "counts": counts,
+        "void_pixels": void,
+        "pixel_share": {n: (totals[n] / labelled if labelled else 0.0) for n in names},
+        "void_share": (sum(void.values()) / (labelled + sum(void.values()))
+                       if labelled + sum(void.values()) else 0.0),
+        "class_names": names,
+        "split_shards": {s: len(files) for s, files in extra["split_shards"].items()},
+        "five_crop": extra.get("five_crop"),
+        "subjects": {},
+        "schema": manifest["schema"],
+        "shards": len(manifest["shards"]),
+        "path": os.path.abspath(os.fspath(dst)),
+        "created": manifest.get("created"),
+        "skipped": {"bad_file": list(extra.get("skipped", []))},
+        "extra": {k: extra[k] for k in shown if k in extra},
+    }
+
+
 def _inspect_clear(dst: str | os.PathLike) -> dict[str, Any]:
     """Summary of a CLEAR stream: rows and counts per bucket and class name."""
     manifest = clear.read_stream_manifest(dst)
@@ -281,9 +334,12 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(f"classes: {len(info['class_names'])} ({_listing(info['class_names'])})")
     is_stream = info["format"] == clear.FORMAT
     is_coco = info["format"] == coco.FORMAT
+    is_seg = info["format"] == segmentation.FORMAT
     lines += _clear_lines(info) if is_stream else []
     lines += _coco_lines(info) if is_coco else []
-    for group, counts in ({} if is_stream or is_coco else info.get("counts", {})).items():
+    lines += _segmentation_lines(info) if is_seg else []
+    for group, counts in ({} if is_stream or is_coco or is_seg
+                          else info.get("counts", {})).items():
         subjects = "".join(info.get("subjects", {}).get(group, []))
         tail = f"  subjects {subjects}" if subjects else ""
         n_shards = info.get("split_shards", {}).get(group)
@@ -334,6 +390,23 @@ def _coco_lines(info: dict[str, Any]) -> list[str]:
         + (f" ({', '.join(shown)}{more})" if shown else ""),
         f"masks:   {kinds} (in the source); crowd {info['crowd']}",
     ]
+
+
+def _segmentation_lines(info: dict[str, Any]) -> list[str]:
+    """Rows per split, pixel share per class (largest first) and void share."""
+    crop = info.get("five_crop") or {}
+    lines = []
+    for split, n in info["split_rows"].items():
+        cropped = " (five-crops)" if split in crop.get("splits", []) else ""
+        lines.append(f"  {split:<16} {n:>5} rows{cropped} in {info['split_shards'][split]} "
+                     "shard(s)")
+    ranked = sorted(info["pixel_share"].items(), key=lambda item: -item[1])
+    shown = [f"{name} {share:.1%}" for name, share in ranked[:_MAX_LISTED_LABELS]]
+    rest = len(ranked) - _MAX_LISTED_LABELS
+    more = f", ... and {rest} more" if rest > 0 else ""
+    lines.append(f"pixels:  {', '.join(shown)}{more} of labelled pixels; void "
+                 f"{info['void_share']:.1%} of all")
+    return lines
 
 
 def _per_label(counts: dict[str, int]) -> str:

@@ -126,9 +126,10 @@ def test_clear_cli_errors(tmp_path: Path, capsys) -> None:
     assert main(["data", "convert", "clear", str(raw), dst, "--buckets", "x"]) == 2
     _one_error_line(capsys, "buckets: expected integers and ranges")
     assert main(["data", "convert", "imagefolder", str(raw), dst, "--classes", "a"]) == 2
-    _one_error_line(capsys, "--classes: only for clear, not imagefolder")
+    _one_error_line(capsys, "--classes: only for clear or segmentation, not imagefolder")
     assert main(["data", "convert", "jigsaws", str(raw), dst, "--skip-bad"]) == 2
-    _one_error_line(capsys, "--skip-bad: only for imagefolder or clear or coco, not jigsaws")
+    _one_error_line(capsys, "--skip-bad: only for imagefolder or clear or coco or "
+                            "segmentation, not jigsaws")
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     _one_error_line(capsys, "shard folder not found")
     assert not Path(dst).exists()

@@ -391,7 +391,7 @@ def test_cli_convert_errors_and_skip_bad(sample: Path, images: Path, tmp_path: P
     assert main(["data", "convert", "coco", str(images), path]) == 2
     assert "expected 3 paths (IMAGES ANNOTATIONS.json DST), got 2" in capsys.readouterr().err
     assert main(["data", "convert", "coco", str(images), path, out, "--splits", "a"]) == 2
-    assert "--splits: only for imagefolder, not coco" in capsys.readouterr().err
+    assert "--splits: only for imagefolder or segmentation, not coco" in capsys.readouterr().err
     assert main(["data", "convert", "coco", str(images), path, out, "--skip-bad"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skipped"] == 1
