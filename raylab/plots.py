@@ -375,3 +375,45 @@ def plot_metric_history(rows: Sequence[Mapping[str, Any]], series: Mapping[str, 
         if points:
             curves[label] = ([p[0] for p in points], [p[1] for p in points])
     return plot_learning_curves(curves, ylabel, path) if curves else None
+
+
+def plot_segmentations(rows: Sequence[Mapping[str, np.ndarray]], class_names: Sequence[str],
+                       path: str | os.PathLike, void: int = 255) -> Path:
+    """One row per image: the image, then each label map (ground truth and predictions in
+    class ids, void pixels black) in one fixed colour per class, with a legend.
+
+    Args:
+        rows: ``{"image": [H, W, 3] uint8, "<title>": [H, W] int class ids, ...}`` each.
+        class_names: The classes, in id order.
+        path: Output image file.
+        void: The id of ignored pixels.
+    """
+    if not rows:
+        raise DataError("no images to draw")
+    titles = list(rows[0])
+    cmap = plt.get_cmap("tab20" if len(class_names) <= 20 else "gist_ncar")
+    colours = np.array([cmap(i / max(len(class_names) - 1, 1))[:3] if len(class_names) > 20
+                        else cmap(i % 20)[:3] for i in range(len(class_names))])
+    fig, axes = plt.subplots(len(rows), len(titles), squeeze=False,
+                             figsize=(2.4 * len(titles), 2.4 * len(rows) + 0.8))
+    for r, row in enumerate(rows):
+        for c, title in enumerate(titles):
+            ax = axes[r][c]
+            ax.axis("off")
+            value = np.asarray(row[title])
+            if value.ndim == 3:
+                ax.imshow(value)
+            else:
+                ids = value.astype(np.int64)
+                shown = np.zeros((*ids.shape, 3))
+                known = (ids != void) & (ids >= 0) & (ids < len(class_names))
+                shown[known] = colours[ids[known]]
+                ax.imshow(shown, interpolation="nearest")
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colours[i], label=name)
+               for i, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7)
+    return _save_atomic(fig, path)

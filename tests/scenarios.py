@@ -360,3 +360,32 @@ def clear_learner(stream: str, state_dir: str, strategy: str
            "checkpoint_meta": {"method": "clear"}}
     task = build_and_run(lambda c: TinyClearTask(cfg, run, c), ctx, cfg.seed)
     return weights(task), service.metrics()["matrix"]
+
+
+_STEGO_BACKBONE: Path | None = None
+
+
+def stego_backbone() -> Path:
+    """A ``raylab train dino`` checkpoint of a 2-block ViT with 8-px patches at 32 px
+    (random weights: the tests check the wiring, not the features), written once per
+    process."""
+    global _STEGO_BACKBONE
+    if _STEGO_BACKBONE is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from raylab.engine.checkpoint import save_checkpoint
+        from raylab.methods.dino.config import DINOConfig
+        from raylab.methods.dino.task import build_student_teacher
+
+        root = Path(tempfile.mkdtemp(prefix="raylab-stego-scenario-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        torch.manual_seed(5)
+        cfg = cfglib.from_dict(DINOConfig, {
+            "arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2,
+            "out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8})
+        student, teacher = build_student_teacher(cfg)
+        _STEGO_BACKBONE = save_checkpoint(root / "model", model=student, ema=teacher, meta={
+            "method": "dino", "config": cfglib.to_dict(cfg), "class_names": []})
+    return _STEGO_BACKBONE

@@ -110,6 +110,12 @@ class Method:
         reads only); raises on bad data or a config that does not fit it."""
         raise NotImplementedError
 
+    def prepare(self, cfg: Any, data: Any, options: RunOptions) -> Any:
+        """Work on the driver once Ray runs and before the first run (or Tune trial), such
+        as a batch-inference job whose output every run reuses; returns ``data`` with what
+        it made. The default does nothing."""
+        return data
+
     def plan(self, cfg: Any, data: Any, tune: bool) -> list[RunPlan]:
         """The runs of ``raylab train`` (evaluated on test rows), or with ``tune`` the one
         run of a Tune trial (evaluated on validation rows held out of the training data)."""
@@ -240,6 +246,7 @@ class Method:
               data: Any = None) -> dict[str, Any]:
         """Train and evaluate as the config says; returns the summary written to disk."""
         data = self.load(cfg) if data is None else data
+        data = self.prepare(cfg, data, options)
         self.describe(cfg, options, data)
         plans = self.plan(cfg, data, tune=False)
         results = self.fit(cfg, options, data, plans, f"{storage.rstrip('/')}/{experiment}",
@@ -258,7 +265,7 @@ class Method:
                    callbacks: list[Any]) -> None:
         """One Tune trial: a run that reports ``val_<main_metric>`` every epoch."""
         cfg = self.tune_config(cfg)
-        data = self.load(cfg)
+        data = self.prepare(cfg, self.load(cfg), options)
         plan = replace(self.plan(cfg, data, tune=True)[0], name=run_name)
         self.fit(cfg, options, data, [plan], storage, callbacks=callbacks)
 

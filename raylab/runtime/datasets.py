@@ -102,3 +102,20 @@ def keep_rows(ds: Any, column: str, values: set[str] | list[str]) -> Any:
     from ray.data.expressions import col
 
     return ds.filter(expr=col(column).is_in(sorted(values)))
+
+
+def map_with_actors(ds: Any, fn_class: type, *, constructor_kwargs: dict[str, Any],
+                    batch_size: int, actors: int, gpus_per_actor: float = 0.0,
+                    preserve_order: bool = False) -> Any:
+    """Batch inference: ``fn_class(**constructor_kwargs)`` is built once in each of
+    ``actors`` Ray Data actors (a model loaded once per actor, not per batch) and called
+    on numpy batches of ``batch_size`` rows; ``gpus_per_actor`` > 0 places each actor on
+    a GPU. ``preserve_order``: the output rows come in the input's order."""
+    import ray.data
+
+    if preserve_order:
+        ds.context.execution_options.preserve_order = True
+    kwargs: dict[str, Any] = {"num_gpus": gpus_per_actor} if gpus_per_actor else {}
+    return ds.map_batches(fn_class, fn_constructor_kwargs=constructor_kwargs,
+                          batch_size=batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=actors), **kwargs)

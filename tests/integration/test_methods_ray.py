@@ -46,6 +46,9 @@ SMOKE = {
                   "--set", "window_size=4", "--set", "global_blocks=[1]", "--set", "channels=16",
                   "--set", "optim.batch_size=4", "--set", "max_train_rows=8",
                   "--set", "report_images=2"],
+    # The backbone: a saved 2-block ViT DINO run (tests/scenarios.py).
+    "stego": ["--set", "optim.batch_size=8", "--set", "kmeans_iters=5",
+              "--set", "loss.feature_samples=4"],
 }
 
 
@@ -59,7 +62,17 @@ def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
             "clear": tiny_clear_stream, "detection": detection_shards,
-            "minivit": root / "images", "reuse": root / "images"}
+            "minivit": root / "images", "reuse": root / "images",
+            "stego": segmentation_shards(root)}
+
+
+def segmentation_shards(root: Path) -> Path:
+    from raylab.data.segmentation import convert_segmentation, write_segmentation_sample
+
+    raw = write_segmentation_sample(root / "seg_raw", train_images=12, val_images=4)
+    convert_segmentation(raw / "images", raw / "masks", root / "seg",
+                         classes=raw / "classes.yaml")
+    return root / "seg"
 
 
 def test_every_method_has_a_smoke_run() -> None:
@@ -68,8 +81,8 @@ def test_every_method_has_a_smoke_run() -> None:
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
 def test_one_epoch_in_process(ray_cluster, samples: dict, name: str, tmp_path: Path) -> None:
-    extra = ["--set", f"backbone_checkpoint={scenarios.reuse_backbone()}"] \
-        if name == "reuse" else []
+    extra = {"reuse": ["--set", f"backbone_checkpoint={scenarios.reuse_backbone()}"],
+             "stego": ["--set", f"backbone={scenarios.stego_backbone()}"]}.get(name, [])
     rc = main(["train", name, "--data", str(samples[name]), *SMOKE[name], *extra,
                "--set", "optim.epochs=1", "--workers", "0", "--storage", str(tmp_path),
                "--name", "one"])

@@ -63,7 +63,7 @@ def test_a_method_is_named_once_by_its_package() -> None:
     """The built-in methods are the packages under raylab/methods (found without importing
     them), each registering a class whose ``name`` is the package's name."""
     assert registry.method_names() == ["clear", "convnext", "detection", "dino", "minivit",
-                                      "reuse", "skill"]
+                                      "reuse", "skill", "stego"]
     for name, cls in registry.list_methods().items():
         assert cls.name == name and cls.__module__.startswith(f"raylab.methods.{name}.")
 

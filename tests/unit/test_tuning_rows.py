@@ -28,7 +28,19 @@ def samples(sample_shards: Path, tiny_clear_stream: Path, detection_shards: Path
     convert_imagefolder(images, root / "images")
     return {"skill": sample_shards, "convnext": root / "images", "dino": root / "images",
             "clear": tiny_clear_stream, "detection": detection_shards,
-            "minivit": root / "images", "reuse": root / "images"}
+            "minivit": root / "images", "reuse": root / "images",
+            "stego": segmentation_shards(root)}
+
+
+def segmentation_shards(root: Path) -> Path:
+    """The segmentation sample, its training images five-cropped (the crops of one image
+    must stay on one side of Tune's hold-out)."""
+    from raylab.data.segmentation import convert_segmentation, write_segmentation_sample
+
+    raw = write_segmentation_sample(root / "seg_raw")
+    convert_segmentation(raw / "images", raw / "masks", root / "seg", five_crop=0.5,
+                         classes=raw / "classes.yaml")
+    return root / "seg"
 
 
 #: Configs small enough to plan (nothing is trained).
@@ -36,7 +48,8 @@ SETTINGS = {"skill": {}, "convnext": {"optim.batch_size": 16},
             "dino": {"optim.batch_size": 16}, "clear": {}, "detection": {"val_fraction": 0.2},
             "minivit": {"optim.batch_size": 16},
             "reuse": {"optim.batch_size": 16,
-                      "backbone_checkpoint": str(scenarios.reuse_backbone())}}
+                      "backbone_checkpoint": str(scenarios.reuse_backbone())},
+            "stego": {"backbone": str(scenarios.stego_backbone()), "val_fraction": 0.2}}
 
 
 def test_every_method_is_covered() -> None:
