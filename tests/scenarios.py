@@ -34,6 +34,8 @@ class Scenario:
     #: Evaluation datasets by name, and which of them only the chief reads (whole).
     evaluate: dict[str, dict[str, torch.Tensor]]
     whole: tuple[str, ...] = ()
+    #: Datasets every worker reads whole (e.g. STEGO's feature bank).
+    replicated: tuple[str, ...] = ()
 
     def config(self, **more: Any) -> Any:
         return cfglib.apply_overrides(self.config_class(), {**self.overrides, **more})
@@ -240,8 +242,46 @@ def reuse() -> Scenario:
 
 _REUSE_BACKBONE: Path | None = None
 
+def stego_features(n: int, seed: int, classes: int = 3, size: int = 8
+                   ) -> dict[str, torch.Tensor]:
+    """Feature maps (12 x 4 x 4, float16) of images whose left half is one class and right
+    half another, each class a fixed direction in feature space plus noise; labels at
+    ``size`` px."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.eye(12)[:classes] * 3
+    feats, labels = [], []
+    for _ in range(n):
+        a, b = torch.randperm(classes, generator=g)[:2].tolist()
+        cls = torch.tensor([a, a, b, b]).repeat(4, 1)  # (h, w): columns 0-1 a, 2-3 b
+        feats.append(directions[cls].permute(2, 0, 1) + 0.3 * torch.randn(12, 4, 4,
+                                                                           generator=g))
+        labels.append(cls.repeat_interleave(size // 4, 0).repeat_interleave(size // 4, 1))
+    return {"feats": torch.stack(feats).half(), "label": torch.stack(labels).to(torch.uint8)}
+
+
+def stego() -> Scenario:
+    """STEGO's head and probes on 24 training images' cached features (3 global batches of
+    8), partners among each image's 3 nearest neighbours, 10 evaluation images."""
+    from raylab.methods.stego import StegoConfig
+    from raylab.methods.stego.task import BANK, EVAL, StegoTask
+
+    train = stego_features(24, 0)
+    keys = torch.nn.functional.normalize(train["feats"].float().mean((2, 3)), dim=1)
+    knn = (keys @ keys.T).fill_diagonal_(-2).topk(3, dim=1).indices
+    index = torch.arange(24)
+    return Scenario(StegoConfig, StegoTask, {
+        "code_dim": 8, "eval_every": 1, "kmeans_iters": 10, "shuffle_buffer": 64,
+        "cache_mb": 0, "checkpoint_every": 1, "loss.feature_samples": 4,
+        "optim.epochs": 3, "optim.batch_size": 8},
+        {"split": TEST, "num_classes": 3, "feature_shape": [12, 4, 4], "img_size": 8,
+         "knn": knn.numpy(), "checkpoint_meta": {"method": "stego"}},
+        {"index": index, **train},
+        {BANK: {"index": index, "feats": train["feats"]}, EVAL: stego_features(10, 1)},
+        whole=(EVAL,), replicated=(BANK,))
+
+
 SCENARIOS = {"skill": skill, "convnext": convnext, "dino": dino, "detection": detection,
-             "minivit": minivit, "reuse": reuse}
+             "minivit": minivit, "reuse": reuse, "stego": stego}
 
 
 def context(scenario: Scenario, run_dir: str | Path | None = None,
@@ -254,7 +294,9 @@ def context(scenario: Scenario, run_dir: str | Path | None = None,
         else (0, 1)
     shards = {"train": InMemoryShard(scenario.train, rank, world)}
     for name, columns in scenario.evaluate.items():
-        if name in scenario.whole:
+        if name in scenario.replicated:
+            shards[name] = InMemoryShard(columns, 0, 1, shuffle=False, split="eval")
+        elif name in scenario.whole:
             if rank == 0:
                 shards[name] = InMemoryShard(columns, 0, 1, split="eval")
         else:

@@ -9,6 +9,7 @@ returns a JSON-able dict; :func:`run` adds the date and prints it.
 - :mod:`.images`: image ingest, ConvNeXt and DINO on CIFAR, DINO scaling;
 - :mod:`.clear`: the CLEAR Table 1;
 - :mod:`.detection`: Mask R-CNN learning on the synthetic detection sample, and coco128;
+- :mod:`.stego`: STEGO against k-means on raw DINO features, CamVid and coco128;
 - :mod:`.gpu`: step benchmarks on a GPU without Ray (``python -m raylab.bench.gpu``).
 """
 
@@ -89,6 +90,8 @@ BENCHES: dict[str, Bench] = {
                    "detector (CIFAR + detection sample)"),
     "gpu-steps": Bench("gpu:bench_steps",
                        "ConvNeXt, DINO and ViTDet steps on a GPU vs plain steps"),
+    "stego": Bench("stego:bench_stego",
+                   "STEGO vs k-means on the same frozen DINO features (CamVid, coco128)"),
 }
 
 

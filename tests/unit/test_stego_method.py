@@ -13,10 +13,7 @@ import torch
 from PIL import Image
 
 from raylab import config as cfglib
-from raylab.engine.context import LocalContext
-from raylab.engine.keys import TEST, TRAIN
 from raylab.engine.loop import build_and_run
-from raylab.engine.shards import InMemoryShard
 from raylab.methods.stego.config import StegoConfig
 from raylab.methods.stego.features import FeatureExtractor, decode_batch, square_crop
 from raylab.methods.stego.models import (
@@ -26,7 +23,7 @@ from raylab.methods.stego.models import (
     kmeans_predict,
     predict,
 )
-from raylab.methods.stego.task import BANK, EVAL, StegoTask, partner_generator
+from raylab.methods.stego.task import partner_generator
 from raylab.metrics.segmentation import unsupervised_miou
 
 N_CLASSES = 3
@@ -156,50 +153,22 @@ def test_feature_extractor_embeds_crops_and_labels() -> None:
     assert np.array_equal(label, expected) and set(np.unique(label)) == {0, 1, 2, 3}
 
 
-def synthetic_features(n: int, seed: int, size: int = 8) -> dict[str, torch.Tensor]:
-    """Images of 4x4 feature maps: the left half of class a, the right of class b, each
-    class a fixed direction in feature space plus noise; labels at ``size`` px."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.eye(12)[:N_CLASSES] * 3
-    feats, labels = [], []
-    for _ in range(n):
-        a, b = torch.randperm(N_CLASSES, generator=g)[:2].tolist()
-        cls = torch.tensor([a, a, b, b]).repeat(4, 1)  # (h, w): columns 0-1 a, 2-3 b
-        f = directions[cls].permute(2, 0, 1) + 0.3 * torch.randn(12, 4, 4, generator=g)
-        feats.append(f)
-        labels.append(cls.repeat_interleave(size // 4, 0).repeat_interleave(size // 4, 1))
-    return {"feats": torch.stack(feats).half(), "label": torch.stack(labels).to(torch.uint8)}
-
-
 def test_task_trains_on_the_engine_and_scores_every_eval_row() -> None:
-    """Two epochs of the worker task without Ray; the baseline's k-means on features
-    whose classes are separate directions matches them (mIoU 100 after matching), and the
-    cluster probe on the trained head scores well above a random labeling."""
-    train, evals = synthetic_features(24, 0), synthetic_features(10, 1)
-    keys = torch.nn.functional.normalize(train["feats"].float().mean((2, 3)), dim=1)
-    knn = (keys @ keys.T).fill_diagonal_(-2).topk(3, dim=1).indices
-    index = torch.arange(24)
-    ctx = LocalContext({
-        TRAIN: InMemoryShard({"index": index, **train}),
-        BANK: InMemoryShard({"index": index, "feats": train["feats"]}, shuffle=False,
-                            split="eval"),
-        EVAL: InMemoryShard(evals, shuffle=False, split="eval")})
-    cfg = cfglib.from_dict(StegoConfig, {
-        "data": "unused", "backbone": "unused", "code_dim": 8, "dropout": 0.0,
-        "eval_every": 1, "kmeans_iters": 10, "shuffle_buffer": 0, "cache_mb": 0,
-        "loss": {"feature_samples": 4}, "optim": {"epochs": 2, "batch_size": 8}})
-    run = {"split": TEST, "num_classes": N_CLASSES, "feature_shape": [12, 4, 4],
-           "img_size": 8, "knn": knn.numpy(), "checkpoint_meta": {"method": "stego"}}
-    task = build_and_run(lambda c: StegoTask(cfg, run, c), ctx, seed=0)
+    """Three epochs of the worker task without Ray (tests/scenarios.py, "stego"): the
+    baseline's k-means on features whose classes are separate directions matches them
+    (mIoU 100 after matching); every evaluation row is scored."""
+    scenario = scenarios.stego()
+    cfg = scenario.config()
+    ctx = scenarios.context(scenario)
+    task = build_and_run(lambda c: scenario.task(cfg, scenario.run, c), ctx, cfg.seed)
     last = ctx.reports[-1]
-    assert [r["epoch"] for r in ctx.reports] == [1, 2]
-    assert last["test_rows"] == 10
+    assert [r["epoch"] for r in ctx.reports] == [1, 2, 3]
+    assert all(r["test_rows"] == 10 for r in ctx.reports)
     assert last["test_kmeans_miou"] == pytest.approx(100.0)
     assert last["test_kmeans_accuracy"] == pytest.approx(100.0)
     assert 0 <= last["test_cluster_miou"] <= 100 and np.isfinite(last["train_loss"])
-    # The bank holds every training row in index order.
-    assert torch.equal(task.bank, train["feats"])
-    # The k-means baseline fitted on the bank labels the bank's own points consistently.
+    train = scenario.train
+    assert torch.equal(task.bank, train["feats"])  # every training row, in index order
     centroids = task.kmeans_centroids()
     found = kmeans_predict(centroids, train["feats"].float(), 8)
     assert unsupervised_miou(found.numpy(), train["label"].numpy(), N_CLASSES)["miou"] == \
@@ -207,9 +176,23 @@ def test_task_trains_on_the_engine_and_scores_every_eval_row() -> None:
     assert feature_points(train["feats"]).shape == (24 * 16, 12)
 
 
+def test_two_workers_keep_identical_replicas_and_one_evaluation() -> None:
+    """On 2 workers every worker holds the whole bank, the replicas stay identical (each
+    draws its own KNN partners; DDP averages the gradients), and rank 0 scores all 10
+    evaluation images."""
+    from ddp import run_ranks
+
+    (w0, r0), (w1, r1) = run_ranks(scenarios.train, 2, "stego", {})
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert [r["test_rows"] for r in r0] == [10, 10, 10]
+    assert r0[-1]["test_kmeans_miou"] == pytest.approx(100.0)
+    # 24 rows in global batches of 8: 3 steps of 4 rows on each worker, all counted.
+    assert [r["train_samples"] for r in r0] == [24, 24, 24]
+
+
 def test_config_refuses_a_missing_backbone_and_bad_weights() -> None:
     from raylab.errors import ConfigError
-
     from raylab.methods.stego import StegoMethod
 
     with pytest.raises(ConfigError, match="backbone"):
