@@ -35,7 +35,7 @@ def _check(sample: Mapping[str, Any], name: str) -> tuple[int, int]:
     missing = [k for k in KEYS if k not in sample]
     if missing:
         raise ValueError(f"copy_paste: {name} lacks {missing} (expected keys {list(KEYS)})")
-    extra = sorted(set(sample) - set(KEYS) - {"pasted"})
+    extra = sorted(set(sample) - set(KEYS) - {"pasted", "source"})
     if extra:
         raise ValueError(f"copy_paste: {name} has keys it cannot carry through: {extra}")
     image, masks = np.asarray(sample["image"]), np.asarray(sample["masks"])
@@ -76,8 +76,10 @@ def copy_paste(dst: Mapping[str, Any], src: Mapping[str, Any], rng: np.random.Ge
 
     Returns:
         The four keys for the pasted image (surviving target objects first, in their
-        order, then the pasted ones) and ``"pasted"``: an N-long bool array marking the
-        pasted objects.
+        order, then the pasted ones), ``"pasted"``: an N-long bool array marking the
+        pasted objects, and ``"source"``: each object's int64 index in its own input
+        (``dst`` for the survivors, ``src`` for the pasted), so that per-object columns
+        the function does not carry (crowd flags, annotation ids) follow their objects.
 
     Raises:
         ValueError: A missing or malformed field, or images of different sizes.
@@ -118,4 +120,5 @@ def copy_paste(dst: Mapping[str, Any], src: Mapping[str, Any], rng: np.random.Ge
         "boxes": np.concatenate([dst_boxes[keep], src_boxes]).astype(np.float32),
         "labels": labels,
         "pasted": np.concatenate([np.zeros(int(keep.sum()), bool), np.ones(len(chosen), bool)]),
+        "source": np.concatenate([np.flatnonzero(keep), chosen]).astype(np.int64),
     }

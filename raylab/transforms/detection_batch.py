@@ -11,6 +11,7 @@ unpacks them into torchvision's image list and target dicts. numpy/torch only, n
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from raylab.errors import DataError
+from raylab.transforms.copy_paste import copy_paste as paste_objects
 from raylab.transforms.detection import (
     DetectionSample,
     ResizePad,
@@ -130,6 +132,77 @@ def _transform_row(batch: Mapping[str, Any], i: int, transform: ScaleJitter | Re
     return transform(image, boxes, masks, labels, iscrowd, rng=rng)
 
 
+@dataclass(frozen=True)
+class CopyPasteParams:
+    """Simple Copy-Paste inside a batch (:func:`paste_within_batch`).
+
+    Attributes:
+        prob: Each row's chance to receive objects from another row of its batch.
+        blend, sigma, box_thr, area_thr: As :func:`raylab.transforms.copy_paste.copy_paste`.
+    """
+
+    prob: float = 1.0
+    blend: bool = True
+    sigma: float = 1.0
+    box_thr: float = 10
+    area_thr: int = 300
+
+
+@dataclass
+class _Row:
+    """A jittered row on its way to the batch: the sample and its per-object columns."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    masks: np.ndarray | None
+    labels: np.ndarray
+    iscrowd: np.ndarray
+    ann_ids: np.ndarray
+    pasted: np.ndarray
+    scale: np.ndarray
+
+
+def paste_within_batch(rows: list[_Row], rngs: list[np.random.Generator],
+                       params: CopyPasteParams) -> list[_Row]:
+    """Copy-paste between the rows of one batch, each already jittered on its own.
+
+    Row ``i`` (with probability ``params.prob``, drawn from ``rngs[i]``) receives a random
+    subset of the objects of another row ``j`` of the batch (uniform over the others),
+    taken from ``j`` *before* any paste. Rows without masks neither give nor receive.
+    Crowd flags and annotation ids follow their objects.
+    """
+    out = list(rows)
+    count = len(rows)
+    for i, rng in enumerate(rngs):
+        if count < 2 or rng.random() >= params.prob:
+            continue
+        j = (i + 1 + int(rng.integers(count - 1))) % count
+        dst, src = rows[i], rows[j]
+        if dst.masks is None or src.masks is None:
+            continue
+        pasted = paste_objects(_four(dst), _four(src), rng, blend=params.blend,
+                            sigma=params.sigma, box_thr=params.box_thr,
+                            area_thr=params.area_thr)
+        own = ~pasted["pasted"]
+        idx = pasted["source"]
+
+        def follow(a: np.ndarray, b: np.ndarray, own: np.ndarray = own,
+                   idx: np.ndarray = idx) -> np.ndarray:
+            return np.concatenate([a[idx[own]], b[idx[~own]]])
+
+        out[i] = _Row(image=pasted["image"], boxes=pasted["boxes"],
+                      masks=pasted["masks"].astype(np.uint8), labels=pasted["labels"],
+                      iscrowd=follow(dst.iscrowd, src.iscrowd),
+                      ann_ids=follow(dst.ann_ids, src.ann_ids),
+                      pasted=pasted["pasted"].astype(np.uint8), scale=dst.scale)
+    return out
+
+
+def _four(row: _Row) -> dict[str, np.ndarray]:
+    return {"image": row.image, "masks": np.asarray(row.masks, bool),
+            "boxes": row.boxes, "labels": row.labels}
+
+
 def detection_batch_transform(
     batch: dict[str, np.ndarray],
     transform: ScaleJitter | ResizePad,
@@ -138,6 +211,7 @@ def detection_batch_transform(
     seed: int | None = None,
     epoch: int = 0,
     with_masks: bool = True,
+    copy_paste: CopyPasteParams | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode, jitter and pack a batch of COCO shard rows (Ray Data ``map_batches``).
 
@@ -156,12 +230,16 @@ def detection_batch_transform(
         seed: Base seed, or None.
         epoch: Mixed into each row's seed.
         with_masks: False skips mask decoding (box-only, e.g. for evaluation).
+        copy_paste: Simple Copy-Paste between the batch's jittered rows
+            (:func:`paste_within_batch`), each row's draws from its own generator after
+            its jitter; None: no paste.
 
     Returns:
         ``image`` uint8 ``[B, S, S, 3]``; ``image_id`` int64, ``height``/``width`` int32
         (original) and ``scale`` float64 ``[B, 2]`` (``sy, sx``); per row (object arrays of
         1-D arrays): ``boxes`` float32 ``n*4`` ``xyxy``, ``labels`` int64, ``iscrowd`` uint8,
-        ``ann_ids`` int64, ``masks`` uint8 packed bits and ``mask_windows`` int32 ``n*4``
+        ``ann_ids`` int64 (a pasted object keeps its source's), ``pasted`` uint8 (1: pasted
+        from another row), ``masks`` uint8 packed bits and ``mask_windows`` int32 ``n*4``
         (:func:`unpack_masks`; empty without masks).
 
     Raises:
@@ -170,26 +248,45 @@ def detection_batch_transform(
     """
     count = len(batch["image"])
     size = transform.output_size
-    images = np.empty((count, size, size, 3), np.uint8)
-    scale = np.empty((count, 2), np.float64)
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                         ("boxes", "labels", "iscrowd", "ann_ids", "masks",
-                                          "mask_windows")}
+    rows: list[_Row] = []
+    rngs: list[np.random.Generator] = []
     for i in range(count):
         image_id = int(batch["image_id"][i])
         rng = np.random.default_rng(None if seed is None else [seed, epoch, image_id % 2**63])
         sample = _transform_row(batch, i, transform, label_map, rng, with_masks)
-        images[i] = sample.image
-        scale[i] = sample.geometry.scale
         ann_ids = np.asarray(batch["ann_ids"][i], dtype=np.int64).reshape(-1)
-        if sample.masks is not None:
-            data, windows = pack_masks(sample.masks, sample.boxes)
+        n = len(sample.boxes)
+        rows.append(_Row(image=sample.image, boxes=sample.boxes.reshape(-1, 4),
+                         # An image without objects can still receive pasted ones.
+                         masks=np.zeros((0, size, size), np.uint8) if with_masks and not n
+                         else sample.masks,
+                         labels=np.asarray(sample.labels if sample.labels is not None
+                                           else np.zeros(0), np.int64),
+                         iscrowd=np.asarray(sample.iscrowd if sample.iscrowd is not None
+                                            else np.zeros(0), np.uint8),
+                         ann_ids=ann_ids[sample.keep] if ann_ids.size else ann_ids,
+                         pasted=np.zeros(n, np.uint8),
+                         scale=np.asarray(sample.geometry.scale, np.float64)))
+        rngs.append(rng)
+    if copy_paste is not None and with_masks:
+        rows = paste_within_batch(rows, rngs, copy_paste)
+    images = np.empty((count, size, size, 3), np.uint8)
+    scale = np.empty((count, 2), np.float64)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                         ("boxes", "labels", "iscrowd", "ann_ids", "pasted",
+                                          "masks", "mask_windows")}
+    for i, row in enumerate(rows):
+        images[i] = row.image
+        scale[i] = row.scale
+        if row.masks is not None and len(row.masks):
+            data, windows = pack_masks(row.masks, row.boxes)
         else:
             data, windows = np.zeros(0, np.uint8), np.zeros((0, 4), np.int32)
-        cols["boxes"].append(sample.boxes.reshape(-1))
-        cols["labels"].append(sample.labels)
-        cols["iscrowd"].append(sample.iscrowd)
-        cols["ann_ids"].append(ann_ids[sample.keep] if ann_ids.size else ann_ids)
+        cols["boxes"].append(row.boxes.reshape(-1))
+        cols["labels"].append(row.labels)
+        cols["iscrowd"].append(row.iscrowd)
+        cols["ann_ids"].append(row.ann_ids)
+        cols["pasted"].append(row.pasted)
         cols["masks"].append(data)
         cols["mask_windows"].append(windows.reshape(-1))
     return {

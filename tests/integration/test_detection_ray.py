@@ -1,7 +1,8 @@
 """Detection end to end on local Ray, on the SYNTHETIC detection sample (always there):
-2 Train workers with LSJ in Ray Data tasks, the loss falls, COCO AP of every evaluation
-image is reported, the report draws detections, and the same name resumes from its last
-checkpoint; then ``raylab predict detection`` on the run's model.
+2 Train workers with LSJ and Simple Copy-Paste in Ray Data tasks, the loss falls, COCO AP
+of every evaluation image is reported, the report draws detections and training samples,
+and the same name resumes from its last checkpoint; then ``raylab predict detection``
+on the run's model.
 
 That the detector learns the sample to a high AP is a benchmark (BENCHMARKS.md, "Detection
 on CPU"): it takes minutes, more than a test should.
@@ -35,8 +36,9 @@ def _rows(run: Path) -> list[dict]:
 
 def test_two_workers_train_evaluate_resume_and_predict(ray_cluster, detection_shards: Path,
                                                        tmp_path: Path) -> None:
+    # Simple Copy-Paste between the rows of each Ray Data batch, on the CPU tasks.
     args = ["train", "detection", "--data", str(detection_shards), *TINY_VITDET,
-            "--storage", str(tmp_path), "--name", "det"]
+            "--set", "aug.copy_paste.prob=0.5", "--storage", str(tmp_path), "--name", "det"]
     assert main([*args, "--workers", "2", "--set", "optim.epochs=2"]) == 0
     exp = tmp_path / "det"
     rows = _rows(exp / "run")
@@ -63,6 +65,7 @@ def test_two_workers_train_evaluate_resume_and_predict(ray_cluster, detection_sh
     assert any(k in rows[-1] for k in scored)
     assert "AP by class frequency" in report
     assert len(list((exp / "pictures").glob("*.png"))) == 2
+    assert "after Simple Copy-Paste" in report and (exp / "samples.png").is_file()
     model = exp / "run" / "model"
     assert load_meta(model)["method"] == "detection"
 

@@ -52,6 +52,7 @@ def test_hand_worked_paste_without_blending() -> None:
     # its bottom moved by 11 > 10 px); the two pasted objects follow.
     assert out["labels"].tolist() == [2, 3, 4]
     assert out["pasted"].tolist() == [False, True, True]
+    assert out["source"].tolist() == [1, 0, 1]  # dst's band, then src's square and band
     np.testing.assert_array_equal(out["boxes"], [[0, 20, 40, 29], [0, 0, 15, 15],
                                                  [0, 29, 40, 40]])
     assert out["masks"].dtype == bool and out["masks"].sum(axis=(1, 2)).tolist() == \

@@ -30,6 +30,7 @@ from raylab.transforms.detection import (
     unscale_masks,
 )
 from raylab.transforms.detection_batch import (
+    CopyPasteParams,
     contiguous_label_map,
     detection_batch_transform,
     pack_masks,
@@ -396,7 +397,7 @@ def test_batch_transform_schema_and_masks():
     tf = ScaleJitter(128, LSJ)
     out = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=3)
     assert set(out) == {"image", "image_id", "height", "width", "scale", "boxes", "labels",
-                        "iscrowd", "ann_ids", "masks", "mask_windows"}
+                        "iscrowd", "ann_ids", "pasted", "masks", "mask_windows"}
     assert out["image"].shape == (3, 128, 128, 3) and out["image"].dtype == np.uint8
     np.testing.assert_array_equal(out["image_id"], [100, 101, 102])
     np.testing.assert_array_equal(out["height"], [96, 70, 40])
@@ -437,6 +438,47 @@ def test_batch_transform_determinism_and_epochs():
     single = {k: v[1:] for k, v in batch.items()}
     d = detection_batch_transform(single, tf, label_map=LABEL_MAP, seed=1, epoch=0)
     np.testing.assert_array_equal(d["image"][0], a["image"][1])
+
+
+def test_batch_copy_paste_moves_objects_between_rows_with_their_columns():
+    scenes = [_scene(), _scene(70, 50), _empty_scene()]
+    batch = _rows(scenes, COCO_CATS, CROWD)
+    tf = ScaleJitter(128, SSJ, flip_prob=0.0)
+    params = CopyPasteParams(prob=1.0, blend=False)
+    plain = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5)
+    out = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5, copy_paste=params)
+    again = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5,
+                                      copy_paste=params)
+    for key in out:  # same seed, same stream
+        for x, y in zip(out[key], again[key]):
+            np.testing.assert_array_equal(x, y)
+    pasted_total = 0
+    for i in range(3):
+        n = len(out["labels"][i])
+        pasted = out["pasted"][i].astype(bool)
+        assert out["pasted"][i].dtype == np.uint8 and len(pasted) == n
+        masks = unpack_masks(out["masks"][i], out["mask_windows"][i], 128).numpy()
+        for box, mask in zip(out["boxes"][i].reshape(-1, 4), masks):
+            np.testing.assert_array_equal(box, _extent(mask))  # boxes follow the masks
+        # Annotation ids, labels and crowd flags travel together: a survivor is one of
+        # the row's own objects, a pasted one another row's (ids are row * 1000 + k).
+        ids = out["ann_ids"][i]
+        assert (ids[~pasted] // 1000 == i).all() and (ids[pasted] // 1000 != i).all()
+        kept = ids % 1000
+        np.testing.assert_array_equal(out["labels"][i], [LABEL_MAP[c] for c in COCO_CATS[kept]])
+        np.testing.assert_array_equal(out["iscrowd"][i], CROWD[kept])
+        # Outside the pasted masks the image is the plain jittered one (no blending).
+        union = masks[pasted].any(0) if pasted.any() else np.zeros((128, 128), bool)
+        np.testing.assert_array_equal(out["image"][i][~union], plain["image"][i][~union])
+        pasted_total += int(pasted.sum())
+    assert pasted_total > 0
+    # prob 0 is the plain pipeline, draw for draw.
+    off = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5,
+                                    copy_paste=CopyPasteParams(prob=0.0))
+    np.testing.assert_array_equal(off["image"], plain["image"])
+    images, targets = to_torchvision_targets(out)
+    assert [len(t["boxes"]) for t in targets] == [
+        int((out["iscrowd"][i] == 0).sum()) for i in range(3)]
 
 
 def test_batch_transform_eval_without_masks_round_trips_boxes():

@@ -37,6 +37,7 @@ from raylab.tasks.detection.data import (
     row_ids,
     train_dataset,
 )
+from raylab.tasks.detection.pictures import augmentation_grid
 from raylab.tasks.detection.predict import TrainedDetector, draw_detections, read_image
 from raylab.tasks.detection.task import IOU_TYPES, DetectionTask, build_model
 
@@ -62,6 +63,9 @@ class DetectionMethod(Method):
         "aug.jitter": "[lsj, ssj]",
         "optim.layer_decay": "(0.6, 0.9)",
         "global_blocks": "[2, 4]",
+        # Simple Copy-Paste: off, half the images, every image; blended edges or hard ones.
+        "aug.copy_paste.prob": "[0.0, 0.5, 1.0]",
+        "aug.copy_paste.blend": "[true, false]",
     }
     path_keys = ("data", "backbone_checkpoint")
 
@@ -147,7 +151,8 @@ class DetectionMethod(Method):
               f"@ global batch {o.batch_size} ({max(options.workers, 1)} worker(s)), wd "
               f"{o.weight_decay:g}, layer decay {o.layer_decay}, {o.schedule} over {o.epochs} "
               f"epochs ({o.warmup_iters} warm-up iterations), jitter {cfg.aug.jitter} "
-              f"{cfg.aug.scale()}, drop-path {cfg.drop_path:g}, {cfg.precision}", flush=True)
+              f"{cfg.aug.scale()}, {_copy_paste_text(cfg)}, drop-path {cfg.drop_path:g}, "
+              f"{cfg.precision}", flush=True)
 
     def summarise(self, cfg: DetectionConfig, data: DetectionData, results: list[RunResult]
                   ) -> dict[str, Any]:
@@ -192,6 +197,7 @@ class DetectionMethod(Method):
                                          "mask AP": metric_key(TEST, "segm_AP")},
                                   "AP", folder / "ap.png")
         pictures = self._pictures(cfg, summary, folder)
+        samples = augmentation_grid(cfg, folder / "samples.png")
         lines = [f"# Detection run: Mask R-CNN, {summary['backbone']} {summary['model']} at "
                  f"{summary['image_size']} px", "",
                  f"{summary['eval_images']} {summary['eval_split']} images, "
@@ -221,6 +227,11 @@ class DetectionMethod(Method):
         for path, caption in ((losses, "training losses per epoch"), (aps, "AP per epoch")):
             if path:
                 lines += [f"![{caption}]({Path(path).name})", ""]
+        if samples:
+            what = ("jittered (left), then after Simple Copy-Paste (right; pasted objects "
+                    "boxed in white)" if cfg.aug.copy_paste.prob > 0 else "jittered")
+            lines += [f"What the pipeline feeds the model: training images {what}.", "",
+                      f"![training samples]({samples.name})", ""]
         lines += [f"![detections on {name}](pictures/{name})" for name in pictures]
         cfglib.atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")
 
@@ -253,6 +264,14 @@ class DetectionMethod(Method):
               f"{_percent(s['AP50'])})")
         print(f"params {summary['params']:,}  train {_fmt(summary['train_img_per_s'])} img/s  "
               f"({summary['seconds']:.0f} s)")
+
+
+def _copy_paste_text(cfg: DetectionConfig) -> str:
+    cp = cfg.aug.copy_paste
+    if cp.prob <= 0:
+        return "no copy-paste"
+    edges = f"blended, sigma {cp.sigma:g}" if cp.blend else "hard edges"
+    return f"copy-paste p {cp.prob:g} ({edges})"
 
 
 def _number(value: Any) -> float | None:

@@ -20,23 +20,63 @@ from raylab.metrics.detection import FREQUENCY_BINS, FREQUENCY_COUNTS, frequency
 from raylab.models.detection import DetectorConfig
 from raylab.optim.config import AdamWConfig
 from raylab.transforms.detection import LSJ, SSJ
+from raylab.transforms.detection_batch import CopyPasteParams
 
 JITTERS = {"lsj": LSJ, "ssj": SSJ}
 
 
 @dataclass
+class CopyPasteConfig:
+    """Simple Copy-Paste (Ghiasi et al. 2021) between the jittered rows of a Ray Data batch.
+
+    Each row, with probability ``prob``, receives a random subset (its size uniform in
+    0..n) of another row's objects; both rows were jittered and flipped on their own.
+    """
+
+    #: Each training image's chance to receive pasted objects; 0 turns copy-paste off.
+    prob: float = 0.0
+    #: Gaussian-smoothed paste edges (the masks stay binary).
+    blend: bool = True
+    #: The blending Gaussian's sigma in pixels.
+    sigma: float = 1.0
+    #: The occlusion rule: a target object goes when its box moved by more than
+    #: ``box_thr`` px on some side and at most ``area_thr`` px of its mask are left.
+    box_thr: float = 10.0
+    area_thr: int = 300
+
+    def validate(self) -> None:
+        cfglib.require(0.0 <= self.prob <= 1.0, "aug.copy_paste.prob",
+                       "a probability in [0, 1]", self.prob)
+        cfglib.require(self.sigma >= 0, "aug.copy_paste.sigma", ">= 0", self.sigma)
+        cfglib.require(self.box_thr >= 0, "aug.copy_paste.box_thr", ">= 0", self.box_thr)
+        cfglib.require(self.area_thr >= 0, "aug.copy_paste.area_thr", "an integer >= 0",
+                       self.area_thr)
+
+    def params(self) -> CopyPasteParams | None:
+        """What the batch function takes; None when off."""
+        if self.prob <= 0:
+            return None
+        return CopyPasteParams(prob=float(self.prob), blend=bool(self.blend),
+                               sigma=float(self.sigma), box_thr=float(self.box_thr),
+                               area_thr=int(self.area_thr))
+
+
+@dataclass
 class DetectionAugConfig:
-    """Scale jittering of image, boxes and masks together (in Ray Data tasks)."""
+    """Scale jittering of image, boxes and masks together, and Simple Copy-Paste (in Ray
+    Data tasks)."""
 
     #: ``lsj`` (scales 0.1-2.0), ``ssj`` (0.8-1.25) or ``none`` (resize + pad only).
     jitter: Literal["lsj", "ssj", "none"] = "lsj"
     #: Overrides the preset's scale range, e.g. [0.5, 1.5] (Tune searches it).
     scale_range: list[float] | None = None
     flip: float = 0.5
+    copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
 
     def validate(self) -> None:
         cfglib.require(0.0 <= self.flip <= 1.0, "aug.flip", "a probability in [0, 1]",
                        self.flip)
+        self.copy_paste.validate()
         if self.scale_range is not None:
             cfglib.require(len(self.scale_range) == 2
                            and 0 < self.scale_range[0] <= self.scale_range[1] <= 4,

@@ -11,6 +11,7 @@ truth of exactly the rows it scored: no shared file, and a row count to check.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ COLUMNS = ["image_id", "file_name", "image", "width", "height", "ann_ids", "cate
 #: The original annotations an evaluation row carries to the scoring worker.
 GROUND_TRUTH = ("ann_ids", "category_ids", "boxes", "areas", "iscrowd", "masks")
 GT_PREFIX = "gt_"
+#: Rows per training ``map_batches`` call: copy-paste pairs rows within one such batch.
+TRAIN_MAP_BATCH = 8
 #: The hold-out of a Tune trial is drawn by this column's value.
 ROW_ID = "image_id"
 
@@ -165,14 +168,16 @@ def train_transform(cfg: DetectionConfig) -> ScaleJitter | ResizePad:
 
 def train_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
                   hold_out: bool | None = None) -> Any:
-    """Training rows, jittered anew in every epoch (fresh random draws per task).
+    """Training rows, jittered anew in every epoch (fresh random draws per task), with
+    Simple Copy-Paste between the rows of each batch of 8 when ``aug.copy_paste.prob``.
 
     ``hold_out``: None keeps every row; False drops the validation share (a Tune trial).
     """
     ds = _rows(paths, cfg, training=True, hold_out=hold_out)
     return ds.map_batches(detection_batch_transform, fn_kwargs=dict(
-        transform=train_transform(cfg), label_map=label_map, seed=None),
-        batch_format="numpy", batch_size=8)
+        transform=train_transform(cfg), label_map=label_map, seed=None,
+        copy_paste=cfg.aug.copy_paste.params()),
+        batch_format="numpy", batch_size=TRAIN_MAP_BATCH)
 
 
 def eval_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
@@ -206,10 +211,11 @@ def eval_batch(batch: dict[str, np.ndarray], transform: ResizePad,
     return out
 
 
-def read_batch(folder: str | Path) -> dict[str, np.ndarray]:
-    """Every row of a coco shard folder as one numpy batch, as Ray Data hands a
-    ``map_batches`` function (per-row lists as object arrays): for plain loops and tests."""
-    rows = list(iter_rows(folder, columns=COLUMNS))
+def read_batch(folder: str | Path, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Every row (or the first ``limit``) of a coco shard folder as one numpy batch, as Ray
+    Data hands a ``map_batches`` function (per-row lists as object arrays): for plain loops,
+    reports and tests."""
+    rows = list(itertools.islice(iter_rows(folder, columns=COLUMNS), limit))
     batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in COLUMNS}
     for k in ("image_id", "width", "height"):
         batch[k] = batch[k].astype(np.int64)
