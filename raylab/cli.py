@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raylab.errors import RaylabError
+from raylab.errors import ConfigError, RaylabError
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -147,7 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True,
                          help="a run's model folder (<experiment>/run/model) or checkpoint")
     predict.add_argument("--min-score", type=float, default=0.5,
-                         help="draw detections from this score up (all are in the JSON)")
+                         help="draw detections from this score up (all are in the JSON); "
+                              "with --pseudo-labels, keep them from this score up")
+    predict.add_argument("--pseudo-labels", action="store_true",
+                         help="self-training: write OUT as a coco shard folder of the "
+                              "detections (a Ray Data job over IMAGES: a coco shard folder "
+                              "or a folder of images) for `raylab train detection --set "
+                              "pseudo=OUT`")
+    predict.add_argument("--actors", type=int, default=1,
+                         help="with --pseudo-labels: model replicas (one GPU each where the "
+                              "cluster has GPUs)")
+    predict.add_argument("--address", default=None,
+                         help="Ray cluster address for --pseudo-labels (default: local)")
+    predict.add_argument("--verbose", action="store_true",
+                         help="also show Ray's own log lines")
 
     export = sub.add_parser("export", help="several runs on one frozen backbone as one bundle")
     export.add_argument("kind", choices=["multitask"])
@@ -508,13 +521,28 @@ def cmd_assess(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from raylab.tasks.detection.predict import predict_folder
 
+    if args.pseudo_labels:
+        from raylab.runtime.cluster import cluster_resources, ensure_ray
+        from raylab.tasks.detection.pseudo import pseudo_label
+
+        if args.actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {args.actors}")
+        ensure_ray(args.address, verbose=args.verbose)
+        gpus = 1.0 if cluster_resources().get("GPU", 0) >= 1 else 0.0
+        manifest = pseudo_label(args.checkpoint, args.images, args.out,
+                                threshold=args.min_score, actors=args.actors,
+                                gpus_per_actor=gpus)
+        counts = manifest["extra"]["counts"]
+        print(f"{counts['instances']} pseudo-labels (score >= {args.min_score:g}) on "
+              f"{counts['images']} images ({counts['images_without_instances']} without) -> "
+              f"{args.out}; train on them with --set pseudo={args.out}")
+        return 0
     done = predict_folder(args.checkpoint, args.images, args.out, min_score=args.min_score)
     print(f"{done['detections']} detections on {done['images']} images -> {done['out']}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raylab.errors import ConfigError
     from raylab.export import export_multitask
 
     tasks: dict[str, str] = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from raylab.cli import main
+from raylab.data.coco import decode_masks
 from raylab.engine.checkpoint import load_meta
 
 pytestmark = pytest.mark.ray
@@ -88,6 +89,24 @@ def test_two_workers_train_evaluate_resume_and_predict(ray_cluster, detection_sh
     assert all(len(d["bbox"]) == 4 and d["segmentation"]["size"] == [64, 64]
                for d in detections)
     assert len(list((out / "pictures").glob("*.png"))) == 3
+
+    # Self-training: the model labels the image folder in a Ray Data job (a coco shard
+    # set), and a run trains on the 32 labeled + 3 pseudo-labeled images.
+    pseudo = tmp_path / "pseudo"
+    assert main(["predict", "detection", str(folder), str(pseudo), "--checkpoint",
+                 str(model), "--min-score", "0.0", "--pseudo-labels"]) == 0
+    manifest = json.loads((pseudo / "manifest.json").read_text())
+    assert manifest["format"] == "coco" and manifest["rows"] == 3
+    # Every detection whose mask covers a pixel (the same model, the same images).
+    assert manifest["extra"]["counts"]["instances"] == sum(
+        int(decode_masks([d["segmentation"]["counts"]], 64, 64).any()) for d in detections)
+    assert main(["train", "detection", "--data", str(detection_shards), *TINY_VITDET,
+                 "--set", "optim.epochs=1", "--set", f"pseudo={pseudo}", "--workers", "0",
+                 "--storage", str(tmp_path), "--name", "self"]) == 0
+    summary = json.loads((tmp_path / "self" / "summary.json").read_text())
+    assert summary["pseudo_images"] == 3 and summary["train_images"] == 32
+    # 35 rows at batch 8: 4 full batches of the (shuffled) rows.
+    assert _rows(tmp_path / "self" / "run")[0]["train_samples"] == 32
 
 
 def test_bad_split_folder_is_one_clear_error(ray_cluster, detection_shards: Path,

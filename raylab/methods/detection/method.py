@@ -67,7 +67,7 @@ class DetectionMethod(Method):
         "aug.copy_paste.prob": "[0.0, 0.5, 1.0]",
         "aug.copy_paste.blend": "[true, false]",
     }
-    path_keys = ("data", "backbone_checkpoint")
+    path_keys = ("data", "backbone_checkpoint", "pseudo")
 
     def model_from_meta(self, meta: dict[str, Any]) -> Any:
         """The run's detector without its backbone run's folder (the run's own weights,
@@ -95,14 +95,16 @@ class DetectionMethod(Method):
     def inputs(self, cfg: DetectionConfig, data: DetectionData, plan: RunPlan
                ) -> tuple[dict[str, Any], dict[str, Any]]:
         labels = data.label_map
+        # Pseudo-labeled images (self-training) join the training rows only.
+        train_paths = data.train_paths + data.pseudo_paths
         if plan.split == VAL:
-            train = train_dataset(data.train_paths, cfg, labels, hold_out=False)
+            train = train_dataset(train_paths, cfg, labels, hold_out=False)
             evaluate = eval_dataset(data.train_paths, cfg, labels, hold_out=True)
-            train_rows = data.train_rows - len(plan.data)
+            train_rows = data.train_rows + data.pseudo_rows - len(plan.data)
         else:
-            train = train_dataset(data.train_paths, cfg, labels)
+            train = train_dataset(train_paths, cfg, labels)
             evaluate = eval_dataset(data.eval_paths, cfg, labels)
-            train_rows = data.train_rows
+            train_rows = data.train_rows + data.pseudo_rows
         if cfg.max_train_rows:
             train_rows = min(train_rows, cfg.max_train_rows)
         args = {"categories": data.categories, "train_rows": train_rows,
@@ -144,6 +146,9 @@ class DetectionMethod(Method):
         kind = (f"ViTDet {cfg.model} (window {cfg.window_size}, global blocks "
                 f"{cfg.global_blocks}, propagation {cfg.propagation}, pyramid {cfg.pyramid})"
                 if cfg.backbone == "vitdet" else f"{cfg.model} + FPN")
+        if data.pseudo_rows:
+            print(f"self-training: {data.train_rows} labeled + {data.pseudo_rows} "
+                  f"pseudo-labeled training images ({cfg.pseudo})", flush=True)
         print(f"Mask R-CNN with {kind}: {params:,} params ({trainable:,} trainable: freeze "
               f"{cfg.freeze}, adapters every {cfg.adapters.every}), {data.num_classes - 1} "
               f"classes, {cfg.image_size} px", flush=True)
@@ -170,6 +175,7 @@ class DetectionMethod(Method):
             "eval_split": cfg.eval_split,
             "eval_images": data.eval_rows,
             "train_images": data.train_rows,
+            "pseudo_images": data.pseudo_rows,
             "classes": data.class_names,
             "frequency_bins": self._bins(cfg, data),
             "epochs": int(m["epoch"]),
@@ -202,7 +208,8 @@ class DetectionMethod(Method):
                  f"{summary['image_size']} px", "",
                  f"{summary['eval_images']} {summary['eval_split']} images, "
                  f"{len(summary['classes'])} classes, after {summary['epochs']} epochs "
-                 f"({summary['train_images']} training images).", "",
+                 f"({summary['train_images']} training images"
+                 f"{_pseudo_text(summary)}).", "",
                  "| | AP | AP50 | AP75 | APs | APm | APl |", "|---|---|---|---|---|---|---|"]
         for kind, label in (("bbox", "box"), ("segm", "mask")):
             lines.append(f"| {label} | " + " | ".join(_percent(summary[kind][k])
@@ -264,6 +271,11 @@ class DetectionMethod(Method):
               f"{_percent(s['AP50'])})")
         print(f"params {summary['params']:,}  train {_fmt(summary['train_img_per_s'])} img/s  "
               f"({summary['seconds']:.0f} s)")
+
+
+def _pseudo_text(summary: dict[str, Any]) -> str:
+    n = summary.get("pseudo_images") or 0
+    return f" + {n} pseudo-labeled" if n else ""
 
 
 def _copy_paste_text(cfg: DetectionConfig) -> str:

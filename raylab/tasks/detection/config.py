@@ -122,6 +122,9 @@ class DetectionConfig(DetectorConfig, cfglib.EpochConfig):
 
     train_split: str = "train"
     eval_split: str = "val"
+    #: Self-training: a coco shard folder of pseudo-labeled images (``raylab predict
+    #: detection ... --pseudo-labels``) whose rows join the training split; never scored.
+    pseudo: str = ""
     #: Object categories + 1; 0 takes them from the data (what a user wants).
     num_classes: int = 0
     #: Use only the first N training images (0 = all); for smoke tests and budgets.

@@ -12,7 +12,7 @@ truth of exactly the rows it scored: no shared file, and a row count to check.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,10 @@ class DetectionData:
     #: COCO category id -> its count in the training split (``cfg.ap_bins_count``), for
     #: AP by class frequency; every category listed (0 when unseen).
     train_counts: dict[int, int] | None = None
+    #: Pseudo-labeled shard files (``cfg.pseudo``): trained on with ``train_paths``, never
+    #: held out or scored.
+    pseudo_paths: list[str] = field(default_factory=list)
+    pseudo_rows: int = 0
 
     @property
     def label_map(self) -> dict[int, int]:
@@ -101,7 +105,9 @@ def load_detection_data(cfg: DetectionConfig) -> DetectionData:
         raise DataError(f"the category tables of splits {cfg.train_split!r} and "
                         f"{cfg.eval_split!r} differ; convert both with the same categories",
                         path=split_folder(cfg, cfg.eval_split) / MANIFEST)
+    pseudo_paths, pseudo_rows = _pseudo(cfg, categories)
     return DetectionData(
+        pseudo_paths=pseudo_paths, pseudo_rows=pseudo_rows,
         categories=[dict(c) for c in categories],
         train_paths=shard_paths(split_folder(cfg, cfg.train_split)),
         eval_paths=shard_paths(split_folder(cfg, cfg.eval_split)),
@@ -113,6 +119,22 @@ def load_detection_data(cfg: DetectionConfig) -> DetectionData:
                                      [int(c["id"]) for c in categories], cfg.ap_bins_count)
         if cfg.ap_by_frequency else None,
     )
+
+
+def _pseudo(cfg: DetectionConfig, categories: list[dict[str, Any]]) -> tuple[list[str], int]:
+    """The pseudo-labeled shard files and rows of ``cfg.pseudo`` (none when unset).
+
+    Raises:
+        DataError: Not a coco shard folder, or its categories differ from the data's.
+    """
+    if not cfg.pseudo:
+        return [], 0
+    manifest = coco_manifest(cfg.pseudo)
+    if _ids_names(manifest["extra"]["categories"]) != _ids_names(categories):
+        raise DataError(f"the pseudo-labels' categories differ from those of split "
+                        f"{cfg.train_split!r}; label with a model trained on this data",
+                        path=Path(cfg.pseudo) / MANIFEST)
+    return shard_paths(cfg.pseudo), int(manifest["rows"])
 
 
 def category_counts(paths: list[str], category_ids: list[int], count: str = "instances"
