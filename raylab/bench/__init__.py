@@ -9,6 +9,8 @@ returns a JSON-able dict; :func:`run` adds the date and prints it.
 - :mod:`.images`: image ingest, ConvNeXt and DINO on CIFAR, DINO scaling;
 - :mod:`.clear`: the CLEAR Table 1;
 - :mod:`.detection`: Mask R-CNN learning on the synthetic detection sample, and coco128;
+- :mod:`.copy_paste`: Simple Copy-Paste and self-training in the low-data regime, and
+  its ingest against a DataLoader;
 - :mod:`.stego`: STEGO against k-means on raw DINO features, CamVid and coco128;
 - :mod:`.gpu`: step benchmarks on a GPU without Ray (``python -m raylab.bench.gpu``).
 """
@@ -90,6 +92,11 @@ BENCHES: dict[str, Bench] = {
                    "detector (CIFAR + detection sample)"),
     "gpu-steps": Bench("gpu:bench_steps",
                        "ConvNeXt, DINO and ViTDet steps on a GPU vs plain steps"),
+    "copy-paste": Bench("copy_paste:bench_copy_paste",
+                        "LSJ vs LSJ + copy-paste, and self-training, on few labeled "
+                        "images (AP over seeds)"),
+    "ingest-detection": Bench("copy_paste:bench_ingest_detection",
+                              "LSJ + copy-paste in Ray Data tasks vs a torch DataLoader"),
     "stego": Bench("stego:bench_stego",
                    "STEGO vs k-means on the same frozen DINO features (CamVid, coco128)"),
 }
