@@ -131,6 +131,10 @@ def test_build_backbone_variants() -> None:
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, vit.num_features)
     with pytest.raises(ConfigError, match="is not a timm model"):
         build_backbone("vit_no_such_model", 32)
+    # A misspelt name gets the closest names by spelling, the intended one first.
+    with pytest.raises(ConfigError, match=r"'resnt18' is not a timm model; did you mean "
+                                          r"resnet18, "):
+        build_backbone("resnt18", 32)
     with pytest.raises(ConfigError, match="ViT/DeiT"):
         build_backbone("resnet18", 32, patch_size=4)
     with pytest.raises(ConfigError, match="dividing"):
