@@ -51,6 +51,10 @@ class StorageError(RaylabError):
     """The storage path or URI cannot be used."""
 
 
+class ResourceError(RaylabError):
+    """A run asks for more CPUs or GPUs than the cluster has and can ever get."""
+
+
 # ------------------------------------------------- shard read failures during training
 
 #: Words of the errors that reading a file raises (pyarrow, the file system), and of those

@@ -11,6 +11,8 @@ import ray
 import ray.data
 from ray._private import worker as ray_worker
 
+from raylab.errors import ResourceError
+
 
 def quiet_ray_data() -> None:
     """Progress bars of Ray Data drown the driver's own output on small jobs."""
@@ -101,6 +103,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
     address = address or os.environ.get("RAY_ADDRESS")
+    global _STARTED_LOCAL
+    _STARTED_LOCAL = not address
     if address:
         ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING)
     else:
@@ -137,6 +141,50 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
 
 def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
+
+
+#: Whether this process started its own local cluster (no autoscaler: what it has is all
+#: it will ever have) rather than joining one.
+_STARTED_LOCAL = False
+
+
+def shortfall(workers: int, cpus_per_worker: float, gpus_per_worker: float,
+              total: dict[str, float], nodes: list[dict[str, float]]) -> list[str]:
+    """What a request of ``workers`` x (CPUs, GPUs) lacks on a cluster with ``total``
+    resources and these alive ``nodes`` (each one's resources): a worker cannot span
+    nodes. Empty when it fits."""
+    short = []
+    for kind, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+        need, have = workers * each, total.get(kind, 0.0)
+        if need > have:
+            short.append(f"{need:g} {kind}s in all (the cluster has {have:g})")
+    if not short and workers and not any(
+            n.get("CPU", 0.0) >= cpus_per_worker and n.get("GPU", 0.0) >= gpus_per_worker
+            for n in nodes):
+        short.append(f"{cpus_per_worker:g} CPUs and {gpus_per_worker:g} GPUs on one node "
+                     "for each worker (no node has that much)")
+    return short
+
+
+def check_request(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """Refuse, before anything starts, a run the cluster can never hold: on a local
+    cluster raylab started (no autoscaler) a ResourceError names what was asked and what
+    exists; on a joined cluster it says once that the run waits for more nodes (an
+    autoscaler may add them)."""
+    if workers < 1:
+        return
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    short = shortfall(workers, cpus_per_worker, gpus_per_worker, cluster_resources(), nodes)
+    if not short:
+        return
+    asked = (f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g}"
+             + (f" x --gpus-per-worker {gpus_per_worker:g}" if gpus_per_worker else ""))
+    if _STARTED_LOCAL:
+        raise ResourceError(f"{asked} needs {'; '.join(short)}: this local cluster cannot "
+                            "grow; lower --workers or --cpus-per-worker, or join a larger "
+                            "cluster with --address")
+    print(f"raylab: {asked} needs {'; '.join(short)}; the run waits until the cluster's "
+          "autoscaler adds nodes (Ctrl-C to stop)", flush=True)
 
 
 def limit_data_cpus(cpus: float) -> None:

@@ -13,6 +13,7 @@ from raylab.engine.keys import TRAIN_DATASET
 from raylab.engine.progress import Progress
 from raylab.errors import RaylabError, StorageError, shard_read_error
 from raylab.runtime import worker
+from raylab.runtime.cluster import check_request
 from raylab.runtime.console import ProgressRelay
 from raylab.runtime.logging_callback import MetricsLogger
 from raylab.runtime.options import RunOptions, local_path
@@ -108,6 +109,8 @@ def fit(
     in_process = options.workers == 0
     if in_process and folder is None:
         raise StorageError("--workers 0 runs in-process and needs local --storage")
+    if not in_process:  # a request that can never fit fails here, not after minutes
+        check_request(options.workers, options.cpus_per_worker, options.gpus_per_worker)
     relay = None
     if progress is not None and not in_process:
         relay = ProgressRelay(progress)

@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from raylab import config as cfglib
 from raylab.errors import ConfigError, RaylabError
 from raylab.registry import get_method
-from raylab.runtime.cluster import cluster_resources, quiet_ray_data
+from raylab.runtime.cluster import check_request, cluster_resources, quiet_ray_data
 from raylab.runtime.options import RunOptions, local_path
 from raylab.runtime.search_space import Dimension
 
@@ -108,6 +108,7 @@ def run_search(method: Any, cfg: Any, options: RunOptions, space: list[Dimension
                           "through a Train callback, which in-process mode does not run)")
     if trials < 1:
         raise ConfigError(f"--trials: expected an integer >= 1, got {trials}")
+    check_request(options.workers, options.cpus_per_worker, options.gpus_per_worker)
     spec = {
         "method": method.name,
         "experiment": experiment,

@@ -113,3 +113,14 @@ def test_assess_streams_a_recording(one_worker_run: Path, sample_shards: Path,
     text = capsys.readouterr().out
     assert "estimate: " in text and "latency per window" in text
     assert out.stat().st_size > 0
+
+
+def test_a_request_the_local_cluster_cannot_hold_is_refused_at_once(
+        ray_cluster, sample_shards: Path, tmp_path: Path, capsys) -> None:
+    # Without the check, Ray waits forever and prints a controller traceback every 60 s.
+    assert _train(sample_shards, tmp_path, "huge", "--workers", "64") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "--workers 64 x --cpus-per-worker 1 needs 64 CPUs in all (the cluster has" in \
+        err[0] and "this local cluster cannot grow" in err[0]
+    assert not (tmp_path / "huge" / "run" / "metrics.jsonl").exists()
