@@ -75,3 +75,16 @@ def test_with_last_marks_only_the_last_item() -> None:
     assert list(with_last("abc")) == [("a", False), ("b", False), ("c", True)]
     assert list(with_last([])) == []
     assert list(with_last(iter([5]))) == [(5, True)]
+
+
+def test_clear_biased_reservoir_needs_a_share() -> None:
+    """A null share is the 1/t reservoir, i.e. ER's buffer: the "Finetuning (biased
+    reservoir)" row would repeat ER's, so the default is the bench's 0.5 and null is
+    refused with that buffer."""
+    from raylab import config as cfglib
+    from raylab.methods.clear.config import ClearConfig
+
+    assert ClearConfig().buffer_alpha == 0.5
+    with pytest.raises(ConfigError, match="'buffer_alpha': null with buffer=biased_reservoir"):
+        cfglib.apply_overrides(ClearConfig(), {"buffer": "biased_reservoir",
+                                               "buffer_alpha": None})

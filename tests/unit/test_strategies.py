@@ -135,7 +135,7 @@ def test_every_strategy_trains_two_buckets_and_round_trips(name: str) -> None:
 
 def test_registry_and_build_errors() -> None:
     assert set(STRATEGIES) == {"finetune", "er", "ewc", "si", "lwf", "agem", "gdumb", "cwr"}
-    assert strategy_defaults("ewc") == {"ewc_lambda": 2e-3, "mode": "online", "decay": 1.0}
+    assert strategy_defaults("ewc") == {"ewc_lambda": 2e-3, "mode": "separate", "decay": 1.0}
     assert build_strategy("lwf", alpha=0.5, temperature=2.0).alpha == [0.5]
     with pytest.raises(ConfigError, match="unknown continual-learning strategy 'icarl'"):
         build_strategy("icarl")
@@ -261,7 +261,8 @@ def two_param_model(w: float, b: float) -> nn.Linear:
 
 def test_ewc_penalty_by_hand() -> None:
     model = two_param_model(1.5, 1.0)
-    ewc = EWC(ewc_lambda=0.4)
+    assert EWC().mode == "separate"  # the CLEAR authors' (avalanche's default)
+    ewc = EWC(ewc_lambda=0.4, mode="online")
     term = {"fisher": {"weight": torch.tensor([[2.0]]), "bias": torch.tensor([3.0])},
             "anchor": {"weight": torch.tensor([[0.5]]), "bias": torch.tensor([-1.0])}}
     ewc.load_state_dict({"strategy": "ewc", "buckets_seen": 1, "mode": "online",
@@ -270,7 +271,7 @@ def test_ewc_penalty_by_hand() -> None:
     assert float(ewc.penalty(model).detach()) == pytest.approx(2.8)
     x, y = torch.randn(4, 1), torch.zeros(4, dtype=torch.long)
     wide = nn.Sequential(model, nn.Linear(1, 2))
-    ewc2 = EWC(ewc_lambda=0.4)
+    ewc2 = EWC(ewc_lambda=0.4, mode="online")
     ewc2.load_state_dict({"strategy": "ewc", "buckets_seen": 1, "mode": "online", "terms": [
         {k: {"0." + n: t for n, t in v.items()} for k, v in term.items()}]})
     want = F.cross_entropy(wide(x), y) + 2.8  # the new layer "1.*" is not penalised

@@ -91,7 +91,8 @@ class EWC(Strategy):
 
     Args:
         ewc_lambda: Penalty strength ``lambda`` (>= 0).
-        mode: ``"online"`` (one accumulated Fisher) or ``"separate"`` (one per bucket).
+        mode: ``"separate"`` (one Fisher and anchor per bucket: the CLEAR authors' EWC,
+            avalanche's default) or ``"online"`` (one accumulated Fisher).
         decay: Online mode's Fisher decay ``gamma`` in [0, 1] (1: plain accumulation).
     """
 
@@ -99,7 +100,7 @@ class EWC(Strategy):
     table_name = "EWC"
     config_knobs = {"ewc_lambda": "ewc_lambda"}
 
-    def __init__(self, ewc_lambda: float = 2e-3, mode: str = "online",
+    def __init__(self, ewc_lambda: float = 2e-3, mode: str = "separate",
                  decay: float = 1.0) -> None:
         super().__init__()
         if mode not in ("online", "separate"):

@@ -59,8 +59,10 @@ class ClearConfig(cfglib.MethodConfig):
     buffer: str = ""
     #: Rows in the buffer; 0 = one bucket's training rows, as in the paper.
     buffer_size: int = 0
-    #: Share of a biased reservoir for each new bucket; null: dynamic 1/t.
-    buffer_alpha: float | None = None
+    #: Share of a biased reservoir for each new bucket (the bench's 0.5); null: the dynamic
+    #: 1/t share, which is exactly ER's reservoir (so "Finetuning (biased reservoir)" would
+    #: repeat the ER row): refused with buffer=biased_reservoir.
+    buffer_alpha: float | None = 0.5
     #: Strategy knobs (null keeps the strategy's default, the CLEAR authors' values).
     replay_ratio: float | None = None
     ewc_lambda: float | None = None
@@ -85,6 +87,10 @@ class ClearConfig(cfglib.MethodConfig):
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"config key 'strategy': {self.strategy!r} is not one of "
                               f"{sorted(STRATEGIES)}")
+        if self.buffer == "biased_reservoir" and self.buffer_alpha is None:
+            raise ConfigError("config key 'buffer_alpha': null with buffer=biased_reservoir "
+                              "is the 1/t reservoir, i.e. ER's buffer; give a share in "
+                              "(0, 1] (e.g. 0.5) or use buffer=reservoir")
         if self.buffer and self.buffer not in BUFFERS:
             raise ConfigError(f"config key 'buffer': {self.buffer!r} is not one of "
                               f"{sorted(BUFFERS)} (or empty for the strategy's own)")
