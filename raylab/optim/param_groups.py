@@ -43,6 +43,7 @@ def param_groups(
     weight_decay: float,
     layer_decay: float | None = None,
     no_weight_decay: Iterable[str] = (),
+    exempt_tokens: bool = True,
 ) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``model`` into optimizer groups.
 
@@ -50,6 +51,9 @@ def param_groups(
     :data:`DEFAULT_NO_WEIGHT_DECAY`, names returned by ``no_weight_decay()`` of the model or
     any submodule, and the fnmatch patterns in ``no_weight_decay`` (full names such as
     ``"backbone.pos_embed"`` or ``"*.gamma"``). Frozen parameters are left out.
+    ``exempt_tokens=False`` drops the first two (position embeddings, class tokens and the
+    like are then decayed), as the DINO reference does: it exempts only biases and 1-D
+    parameters.
 
     With ``layer_decay``, timm's ``param_groups_layer_decay`` assigns each parameter a layer
     id ``i`` from the model's ``group_matcher(coarse=False)`` (stem 0, one id per block,
@@ -62,6 +66,8 @@ def param_groups(
         weight_decay: Weight decay of the decayed groups (>= 0).
         layer_decay: Per-layer lr decay in (0, 1], or None for none.
         no_weight_decay: Extra fnmatch patterns of parameter names without weight decay.
+        exempt_tokens: Exempt :data:`DEFAULT_NO_WEIGHT_DECAY` and ``no_weight_decay()``
+            names (timm's convention).
 
     Returns:
         Non-empty groups, each ``{"params", "weight_decay", "lr_scale"}``; every trainable
@@ -76,8 +82,8 @@ def param_groups(
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ConfigError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
     model = unwrap_model(model)
-    skip = sorted(set(DEFAULT_NO_WEIGHT_DECAY) | _declared_no_weight_decay(model)
-                  | set(no_weight_decay))
+    skip = sorted((set(DEFAULT_NO_WEIGHT_DECAY) | _declared_no_weight_decay(model)
+                   if exempt_tokens else set()) | set(no_weight_decay))
     if layer_decay is None:
         groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     else:

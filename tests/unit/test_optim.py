@@ -77,6 +77,15 @@ def test_vit_pos_embed_and_cls_token_have_no_decay(vit):
     assert all(g["lr_scale"] == 1.0 for g in groups.values())
 
 
+def test_dino_reference_decays_tokens_too(vit):
+    """The DINO reference exempts only biases and 1-D parameters from weight decay."""
+    groups = _by_name(vit, param_groups(vit, WD, exempt_tokens=False))
+    assert groups["pos_embed"]["weight_decay"] == WD
+    assert groups["cls_token"]["weight_decay"] == WD
+    assert groups["blocks.3.norm1.weight"]["weight_decay"] == 0.0
+    assert groups["head.bias"]["weight_decay"] == 0.0
+
+
 def test_extra_patterns_nested_models_and_frozen_params(vit):
     class Wrapper(nn.Module):  # a DINO-like wrapper: backbone + own head, no no_weight_decay
         def __init__(self) -> None:

@@ -26,6 +26,9 @@ class DINOOptimConfig:
     clip_grad: float = 3.0
     #: Epochs during which the head's last layer gets no update.
     freeze_last_layer: int = 1
+    #: Weight decay on position embeddings and the class token too: the reference decays
+    #: every parameter that is not a bias or 1-D (timm's convention exempts them: false).
+    decay_tokens: bool = True
 
     def validate(self) -> None:
         cfglib.require(self.lr > 0, "optim.lr", "a positive number", self.lr)

@@ -115,7 +115,8 @@ class DINOTask(Task):
         # The teacher starts as a copy of the student and never gets gradients; it is only
         # ever an EMA of the student (drop-path is off in its eval mode).
         self.teacher = ModelEma(self.inner, decay=cfg.momentum_teacher)
-        self.optimizer = torch.optim.AdamW(param_groups(self.inner, weight_decay=o.weight_decay))
+        self.optimizer = torch.optim.AdamW(param_groups(
+            self.inner, weight_decay=o.weight_decay, exempt_tokens=not o.decay_tokens))
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
         iters = max(1, run["train_rows"] // o.batch_size)
         self.batches_per_epoch = iters
