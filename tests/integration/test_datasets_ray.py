@@ -98,3 +98,36 @@ def test_local_workers_run_at_full_priority(ray_cluster) -> None:
         return os.nice(0)
 
     assert ray_cluster.get(niceness.remote()) == 0
+
+
+def test_max_train_rows_is_one_fixed_seeded_subset(ray_cluster, tmp_path: Path) -> None:
+    """``max_train_rows`` keeps the same rows in every epoch (the first rows after a random
+    block order would differ), and DINO's k-NN bank, built from the same files and seed,
+    holds exactly the rows it trained on."""
+    from raylab import config as cfglib
+    from raylab.data.imagefolder import convert_imagefolder, write_image_sample
+    from raylab.methods.dino.config import DINOConfig
+    from raylab.tasks.classification.data import (
+        encoded_images,
+        load_image_data,
+        row_paths,
+        row_subset,
+    )
+
+    src = write_image_sample(tmp_path / "raw", classes=2, train_per_class=20,
+                             test_per_class=2)
+    shards = tmp_path / "shards"
+    convert_imagefolder(src, shards, rows_per_shard=8)
+    cfg = cfglib.apply_overrides(DINOConfig(), {"data": str(shards), "seed": 3,
+                                                "optim.batch_size": 4})
+    paths = load_image_data(cfg).train_paths
+    assert len(paths) > 1  # several files, so a random block order changes the first rows
+    train = encoded_images(paths, cfg, True, limit=10)
+    epochs = [sorted(r["path"] for r in train.iter_rows()) for _ in range(3)]
+    assert len(epochs[0]) == 10 and epochs[0] == epochs[1] == epochs[2]
+    bank = encoded_images(paths, cfg, False, limit=10)
+    assert sorted(r["path"] for r in bank.iter_rows()) == epochs[0]
+    assert epochs[0] == sorted(row_subset(row_paths(paths), 10, 3))
+    other = cfglib.apply_overrides(cfg, {"seed": 4})
+    assert sorted(r["path"] for r in encoded_images(paths, other, True, limit=10)
+                  .iter_rows()) != epochs[0]

@@ -21,7 +21,7 @@ from raylab.data import imagefolder
 from raylab.data.clear import is_stream, read_stream_manifest
 from raylab.data.shards import read_manifest, shard_paths
 from raylab.errors import ConfigError, DataError
-from raylab.runtime.datasets import read_shards
+from raylab.runtime.datasets import keep_rows, read_shards
 from raylab.tasks.classification.config import ClassificationConfig, ImageDataConfig
 
 
@@ -213,17 +213,30 @@ def holdout_rows(paths: list[str], fraction: float) -> int:
     return len(holdout_paths(paths, fraction))
 
 
+def row_subset(values: list[Any], count: int, seed: int) -> list[Any]:
+    """A fixed, seeded choice of ``count`` of ``values`` (all when fewer), in their order:
+    the same rows in every epoch and in every dataset built from the same files and seed
+    (e.g. DINO's training rows and its k-NN bank)."""
+    if count >= len(values):
+        return list(values)
+    rng = np.random.default_rng([int(seed), len(values), count])
+    return [values[i] for i in np.sort(rng.choice(len(values), size=count, replace=False))]
+
+
 def encoded_images(paths: list[str], cfg: ImageDataConfig, training: bool,
                    hold_out: bool | None = None, limit: int = 0) -> Any:
     """The encoded rows, streamed from Parquet or held in the object store when small.
 
-    ``limit`` keeps the first rows only (0: all). ``hold_out``: None keeps every row; True
-    keeps only the validation share of the split, False drops it (``cfg.val_fraction``).
+    ``limit`` keeps a fixed, seeded subset of that many rows (``cfg.seed``; 0: all), the
+    same in every epoch: the first rows after a random block order would differ per epoch.
+    ``hold_out``: None keeps every row; True keeps only the validation share of the split,
+    False drops it (``cfg.val_fraction``).
     """
     ds = read_shards(paths, ["image", "label", "path"], shuffle_files=training,
                      materialize_mb=cfg.materialize_mb)
     if limit:
-        ds = ds.limit(limit)
+        ds = keep_rows(ds, "path", row_subset(row_paths(paths), limit,
+                                              getattr(cfg, "seed", 0)))
     if hold_out is not None and cfg.val_fraction > 0:
         ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out), batch_format="numpy")
     return ds

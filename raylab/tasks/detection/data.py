@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from raylab.data.coco import coco_manifest
 from raylab.data.shards import MANIFEST, iter_rows, shard_paths
 from raylab.errors import DataError
-from raylab.runtime.datasets import read_shards
-from raylab.tasks.classification.data import HoldOut, in_val
+from raylab.runtime.datasets import keep_rows, read_shards
+from raylab.tasks.classification.data import HoldOut, in_val, row_subset
 from raylab.tasks.detection.config import DetectionConfig
 from raylab.transforms.detection import ResizePad, ScaleJitter
 from raylab.transforms.detection_batch import contiguous_label_map, detection_batch_transform
@@ -216,7 +216,8 @@ def _rows(paths: list[str], cfg: DetectionConfig, training: bool,
     ds = read_shards(paths, COLUMNS, shuffle_files=training,
                      materialize_mb=cfg.materialize_mb)
     if training and cfg.max_train_rows:
-        ds = ds.limit(cfg.max_train_rows)
+        # A fixed, seeded subset: the same images every epoch.
+        ds = keep_rows(ds, ROW_ID, row_subset(row_ids(paths), cfg.max_train_rows, cfg.seed))
     if hold_out is not None and cfg.val_fraction > 0:
         ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out, column=ROW_ID),
                             batch_format="numpy")
