@@ -138,11 +138,18 @@ def _inspect_imagefolder(dst: str | os.PathLike, manifest: dict[str, Any],
         counts.setdefault(split, dict.fromkeys(names, 0))[names[label]] += 1
     shown = {k: v for k, v in extra.items()
              if k not in ("class_names", "split_shards", "counts", "skipped")}
+    return {**_split_folder_summary(dst, manifest, names, shown), "counts": counts}
+
+
+def _split_folder_summary(dst: str | os.PathLike, manifest: dict[str, Any],
+                          names: list[str], shown: dict[str, Any]) -> dict[str, Any]:
+    """The keys an imagefolder and a segmentation summary share (shards grouped by split,
+    class names, skipped files); ``shown``: the manifest's extras to print as they are."""
+    extra = manifest["extra"]
     return {
         "format": manifest["format"],
         "rows": manifest["rows"],
         "frames": None,
-        "counts": counts,
         "class_names": names,
         "split_shards": {s: len(files) for s, files in extra["split_shards"].items()},
         "subjects": {},
@@ -219,27 +226,16 @@ def _inspect_segmentation(dst: str | os.PathLike) -> dict[str, Any]:
     void = {s: int((extra.get("void_pixels") or {}).get(s, 0)) for s in splits}
     totals = {n: sum(c[n] for c in counts.values()) for n in names}
     labelled = sum(totals.values())
-    shown = ("class_map_source", "split_folders", "source")
+    shown = {k: extra[k] for k in ("class_map_source", "split_folders", "source") if k in extra}
     return {
-        "format": manifest["format"],
-        "rows": manifest["rows"],
-        "frames": None,
+        **_split_folder_summary(dst, manifest, names, shown),
         "split_rows": {s: rows[s] for s in splits},
         "counts": counts,
         "void_pixels": void,
         "pixel_share": {n: (totals[n] / labelled if labelled else 0.0) for n in names},
         "void_share": (sum(void.values()) / (labelled + sum(void.values()))
                        if labelled + sum(void.values()) else 0.0),
-        "class_names": names,
-        "split_shards": {s: len(files) for s, files in extra["split_shards"].items()},
         "five_crop": extra.get("five_crop"),
-        "subjects": {},
-        "schema": manifest["schema"],
-        "shards": len(manifest["shards"]),
-        "path": os.path.abspath(os.fspath(dst)),
-        "created": manifest.get("created"),
-        "skipped": {"bad_file": list(extra.get("skipped", []))},
-        "extra": {k: extra[k] for k in shown if k in extra},
     }
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from raylab.data.imagefolder import _visible_dirs, _visible_files
 from raylab.data.shards import MANIFEST, read_manifest, sample_folder, write_shards
 from raylab.errors import ConfigError, DataError
 
@@ -245,20 +246,6 @@ class _Plan:
     folders: dict[str, str]
     items: dict[str, list[_Item]]
     bad: list[dict[str, str]] = field(default_factory=list)
-
-
-def _visible_dirs(folder: Path) -> list[Path]:
-    """Non-hidden sub-folders of ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    """Non-hidden files anywhere below ``folder``, outside hidden folders, sorted."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root, f) for f in files if not f.startswith(".")]
-    return sorted(found)
 
 
 def _check_root(path: Path, what: str) -> None:
