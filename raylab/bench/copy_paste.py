@@ -205,4 +205,6 @@ def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 5
             "image_size": size, "processes": processes,
             "ray_data_images_per_s": round(ray_rate, 2),
             "dataloader_images_per_s": round(dl_rate, 2),
-            "ratio": round(ray_rate / dl_rate, 3)}
+            "ratio": round(ray_rate / dl_rate, 3),
+            "ray_data_epochs": [round(r, 1) for r in ray_rates],
+            "dataloader_epochs": [round(r, 1) for r in dl_rates]}
