@@ -23,6 +23,7 @@ import torch
 
 from raylab import config as cfglib
 from raylab.bench import BenchOptions, say_data, shared_data
+from raylab.bench.detection import JitterCollate
 from raylab.data.coco import convert_coco
 from raylab.data.detection_sample import convert_sample, write_detection_sample
 from raylab.methods.detection import DetectionConfig, DetectionMethod
@@ -32,10 +33,8 @@ from raylab.tasks.detection.data import (
     load_detection_data,
     read_batch,
     train_dataset,
-    train_transform,
 )
 from raylab.tasks.detection.pseudo import pseudo_label
-from raylab.transforms.detection_batch import detection_batch_transform
 
 #: 64 px images, a ViT-Tiny-wide ViTDet of 4 blocks with 8 px patches (an 8 x 8 token
 #: grid, windows of 4), from random init: lr 1e-3 at batch 8, cosine, no layer decay.
@@ -142,22 +141,6 @@ def bench_copy_paste(opts: BenchOptions) -> dict[str, Any]:
     return out
 
 
-class _PasteCollate:
-    """DataLoader collate: decode + jitter + copy-paste the batch's rows (a loader
-    process), the function Ray Data's tasks run."""
-
-    def __init__(self, batch: dict[str, Any], cfg: DetectionConfig,
-                 label_map: dict[int, int]) -> None:
-        self.batch, self.cfg, self.label_map = batch, cfg, label_map
-        self.transform = train_transform(cfg)
-
-    def __call__(self, rows: list[int]) -> dict[str, Any]:
-        picked = {k: v[rows] for k, v in self.batch.items()}
-        return detection_batch_transform(picked, self.transform, label_map=self.label_map,
-                                         seed=None,
-                                         copy_paste=self.cfg.aug.copy_paste.params())
-
-
 def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 512,
                            batch: int = 8) -> dict[str, Any]:
     """coco128's training images (the synthetic sample without ``../shared/data``) at
@@ -194,7 +177,7 @@ def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 5
     loader = torch.utils.data.DataLoader(
         range(len(rows["image_id"])), batch_size=batch, shuffle=True,
         num_workers=processes, persistent_workers=True,
-        collate_fn=_PasteCollate(rows, cfg, data.label_map))
+        collate_fn=JitterCollate(rows, cfg, data.label_map))
     for _ in range(epochs):
         t0, m = time.perf_counter(), 0
         for b in loader:

@@ -61,17 +61,19 @@ def _config(data: str, epochs: int, model: str, **more: Any) -> DetectionConfig:
         "data": data, **SAMPLE_BUDGET, **MODELS[model], "optim.epochs": epochs, **more})
 
 
-class _JitterCollate:
-    """DataLoader collate: decode + jitter + pack the batch's rows (in a loader worker)."""
+class JitterCollate:
+    """DataLoader collate: decode + jitter (+ copy-paste when the config asks) + pack the
+    batch's rows in a loader worker: the function Ray Data's tasks run for raylab."""
 
     def __init__(self, batch: dict[str, Any], cfg: DetectionConfig,
                  label_map: dict[int, int]) -> None:
         self.batch, self.transform, self.label_map = batch, train_transform(cfg), label_map
+        self.copy_paste = cfg.aug.copy_paste.params()
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
         picked = {k: v[rows] for k, v in self.batch.items()}
         return detection_batch_transform(picked, self.transform, label_map=self.label_map,
-                                         seed=None)
+                                         seed=None, copy_paste=self.copy_paste)
 
 
 def plain_rate(cfg: DetectionConfig, epochs: int = 3) -> float:
@@ -83,7 +85,7 @@ def plain_rate(cfg: DetectionConfig, epochs: int = 3) -> float:
     size = cfg.optim.batch_size
     loader = torch.utils.data.DataLoader(
         range(len(batch["image_id"])), batch_size=size, shuffle=True, drop_last=True, num_workers=1,
-        persistent_workers=True, collate_fn=_JitterCollate(batch, cfg, data.label_map))
+        persistent_workers=True, collate_fn=JitterCollate(batch, cfg, data.label_map))
     model = build_model(cfg, data.num_classes)
     model.train()
     optimizer = build_optimizer(model, "adamw", lr=cfg.optim.effective_lr,

@@ -132,7 +132,7 @@ def _transform_row(batch: Mapping[str, Any], i: int, transform: ScaleJitter | Re
     return transform(image, boxes, masks, labels, iscrowd, rng=rng)
 
 
-@dataclass(frozen=True)
+@dataclass
 class CopyPasteParams:
     """Simple Copy-Paste inside a batch (:func:`paste_within_batch`).
 
@@ -144,7 +144,7 @@ class CopyPasteParams:
     prob: float = 1.0
     blend: bool = True
     sigma: float = 1.0
-    box_thr: float = 10
+    box_thr: float = 10.0
     area_thr: int = 300
 
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from raylab import config as cfglib
 from raylab.tasks.detection.config import DetectionConfig
-from raylab.tasks.detection.pictures import PASTED, augmentation_grid, draw_instances
-from raylab.tasks.detection.predict import PALETTE
+from raylab.tasks.detection.pictures import augmentation_grid
+from raylab.tasks.detection.predict import PALETTE, PASTED, draw_instances
 
 
 def test_draw_instances_tints_masks_and_outlines_pasted_boxes_in_white() -> None:

@@ -26,23 +26,19 @@ JITTERS = {"lsj": LSJ, "ssj": SSJ}
 
 
 @dataclass
-class CopyPasteConfig:
+class CopyPasteConfig(CopyPasteParams):
     """Simple Copy-Paste (Ghiasi et al. 2021) between the jittered rows of a Ray Data batch.
 
     Each row, with probability ``prob``, receives a random subset (its size uniform in
     0..n) of another row's objects; both rows were jittered and flipped on their own.
+    The knobs are :class:`~raylab.transforms.detection_batch.CopyPasteParams`' (``blend``
+    and ``sigma``: Gaussian-smoothed paste edges, the masks stay binary; ``box_thr`` and
+    ``area_thr``: a target object goes when its box moved by more than ``box_thr`` px on
+    some side and at most ``area_thr`` px of its mask are left); off by default.
     """
 
     #: Each training image's chance to receive pasted objects; 0 turns copy-paste off.
     prob: float = 0.0
-    #: Gaussian-smoothed paste edges (the masks stay binary).
-    blend: bool = True
-    #: The blending Gaussian's sigma in pixels.
-    sigma: float = 1.0
-    #: The occlusion rule: a target object goes when its box moved by more than
-    #: ``box_thr`` px on some side and at most ``area_thr`` px of its mask are left.
-    box_thr: float = 10.0
-    area_thr: int = 300
 
     def validate(self) -> None:
         cfglib.require(0.0 <= self.prob <= 1.0, "aug.copy_paste.prob",
@@ -53,12 +49,11 @@ class CopyPasteConfig:
                        self.area_thr)
 
     def params(self) -> CopyPasteParams | None:
-        """What the batch function takes; None when off."""
+        """What the batch function takes (the knobs alone); None when off."""
         if self.prob <= 0:
             return None
-        return CopyPasteParams(prob=float(self.prob), blend=bool(self.blend),
-                               sigma=float(self.sigma), box_thr=float(self.box_thr),
-                               area_thr=int(self.area_thr))
+        return CopyPasteParams(**{f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(CopyPasteParams)})
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """What the training pipeline feeds the detector, drawn: jittered images before and after
-Simple Copy-Paste, each instance's mask tinted and its box outlined (pasted ones in white).
+Simple Copy-Paste, each instance's mask tinted and its box outlined (pasted ones in white,
+:func:`raylab.tasks.detection.predict.draw_instances`).
 
 Runs the same batch function as the Ray Data pipeline (:func:`raylab.transforms.
 detection_batch.detection_batch_transform`) on the first training rows with the run's
@@ -13,13 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from raylab.data.coco import coco_manifest
 from raylab.tasks.detection.config import DetectionConfig
 from raylab.tasks.detection.data import TRAIN_MAP_BATCH, read_batch, split_folder, train_transform
-from raylab.tasks.detection.predict import PALETTE
+from raylab.tasks.detection.predict import draw_instances
 from raylab.transforms.detection_batch import (
     CopyPasteParams,
     contiguous_label_map,
@@ -27,28 +27,7 @@ from raylab.transforms.detection_batch import (
     unpack_masks,
 )
 
-#: The box colour of pasted objects (the others: their label's colour in PALETTE).
-PASTED = (255, 255, 255)
 GAP = 4
-
-
-def draw_instances(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None,
-                   labels: np.ndarray, pasted: np.ndarray | None = None) -> Image.Image:
-    """``image`` with each instance's mask tinted in its label's colour and its box drawn
-    (white and twice as thick for a pasted one)."""
-    canvas = np.asarray(image, np.float32).copy()
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    pasted = np.zeros(len(boxes), bool) if pasted is None else np.asarray(pasted, bool)
-    if masks is not None:
-        for mask, label in zip(np.asarray(masks, bool), labels):
-            colour = np.asarray(PALETTE[int(label) % len(PALETTE)], np.float32)
-            canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
-    picture = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    for box, label, is_pasted in zip(boxes, labels, pasted):
-        colour = PASTED if is_pasted else PALETTE[int(label) % len(PALETTE)]
-        draw.rectangle([float(v) for v in box], outline=colour, width=2 if is_pasted else 1)
-    return picture
 
 
 def _batch_pictures(out: dict[str, Any]) -> list[Image.Image]:

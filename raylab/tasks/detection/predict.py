@@ -29,6 +29,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: Colours of the drawn instances, by label (repeated).
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+#: The box colour of pasted objects (copy-paste's training samples in the report).
+PASTED = (255, 255, 255)
+
+
+def detection_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The meta of a detection run's model (``raylab predict``, pseudo-labels).
+
+    Raises:
+        CheckpointError: A checkpoint of another method (or none).
+    """
+    meta = load_meta(checkpoint)
+    if meta.get("method") != "detection":
+        raise CheckpointError(f"{checkpoint}: a checkpoint of method "
+                              f"{meta.get('method')!r}, not of the detection method")
+    return meta
 
 
 class TrainedDetector:
@@ -36,10 +51,7 @@ class TrainedDetector:
     the detection method), ready to predict on numpy images."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu") -> None:
-        meta = load_meta(checkpoint)
-        if meta.get("method") != "detection":
-            raise CheckpointError(f"{checkpoint}: a checkpoint of method "
-                                  f"{meta.get('method')!r}, not of the detection method")
+        meta = detection_meta(checkpoint)
         # The run's own weights hold the backbone: its pretraining run's folder is not
         # needed (nor read) to predict.
         self.cfg = cfglib.apply_overrides(cfglib.from_dict(DetectionConfig, meta["config"]),
@@ -86,25 +98,44 @@ def read_image(path: str | os.PathLike | bytes) -> np.ndarray:
         raise DataError(f"{where}: not a readable image ({exc})") from None
 
 
+def draw_instances(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None,
+                   labels: Any, pasted: np.ndarray | None = None, width: int = 1
+                   ) -> Image.Image:
+    """``image`` with each instance's mask tinted in its label's colour (PALETTE) and its
+    ``xyxy`` box drawn ``width`` px wide (white and twice as wide for a pasted one)."""
+    canvas = np.asarray(image, np.float32).copy()
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    pasted = np.zeros(len(boxes), bool) if pasted is None else np.asarray(pasted, bool)
+    if masks is not None:
+        for mask, label in zip(np.asarray(masks, bool), labels):
+            colour = np.asarray(PALETTE[int(label) % len(PALETTE)], np.float32)
+            canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
+    picture = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for box, label, is_pasted in zip(boxes, labels, pasted):
+        colour = PASTED if is_pasted else PALETTE[int(label) % len(PALETTE)]
+        draw.rectangle([float(v) for v in box], outline=colour,
+                       width=2 * width if is_pasted else width)
+    return picture
+
+
 def draw_detections(image: np.ndarray, detections: list[dict[str, Any]],
                     names: dict[int, str], min_score: float = 0.5) -> Image.Image:
     """The image with each detection above ``min_score`` drawn: its mask tinted, its box,
     and its class name and score."""
-    canvas = image.astype(np.float32).copy()
     kept = [d for d in detections if d["score"] >= min_score]
-    for d in kept:
-        colour = np.asarray(PALETTE[d["category_id"] % len(PALETTE)], np.float32)
-        seg = d["segmentation"]
-        mask = decode_masks([seg["counts"]], *seg["size"])[0].astype(bool)
-        canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
-    picture = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    labels = [d["category_id"] for d in kept]
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in kept)],
+                     np.float32).reshape(-1, 4)
+    masks = np.concatenate([decode_masks([d["segmentation"]["counts"]],
+                                         *d["segmentation"]["size"]) for d in kept]) \
+        if kept else None
+    picture = draw_instances(image, boxes, masks, labels, width=2)
     draw = ImageDraw.Draw(picture)
-    for d in kept:
-        colour = PALETTE[d["category_id"] % len(PALETTE)]
-        x, y, w, h = d["bbox"]
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+    for d, (x, y, _, _) in zip(kept, boxes):
         draw.text((x + 2, y + 1), f"{names.get(d['category_id'], d['category_id'])} "
-                                  f"{d['score']:.2f}", fill=colour)
+                                  f"{d['score']:.2f}",
+                  fill=PALETTE[d["category_id"] % len(PALETTE)])
     return picture
 
 

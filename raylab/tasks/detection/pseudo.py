@@ -28,9 +28,14 @@ from pycocotools import mask as mask_utils
 
 from raylab.data.coco import FORMAT, SCHEMA, coco_manifest
 from raylab.data.shards import MANIFEST, shard_paths, write_shards
-from raylab.engine.checkpoint import load_meta
-from raylab.errors import CheckpointError, DataError
-from raylab.tasks.detection.predict import TrainedDetector, image_files, read_image
+from raylab.errors import DataError
+from raylab.tasks.detection.predict import (
+    TrainedDetector,
+    detection_meta,
+    image_files,
+    read_image,
+)
+from raylab.transforms.detection_batch import _ragged
 
 #: The columns the labeler reads (an input coco shard folder has more; they are dropped).
 INPUT_COLUMNS = ["image_id", "file_name", "image", "width", "height"]
@@ -79,13 +84,6 @@ class PseudoLabeler:
         out = {k: np.asarray(batch[k]) for k in INPUT_COLUMNS}
         out.update({k: _ragged(v) for k, v in columns.items()})
         return out
-
-
-def _ragged(items: list[Any]) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        out[i] = item
-    return out
 
 
 def image_folder_table(folder: str | os.PathLike) -> pa.Table:
@@ -138,10 +136,7 @@ def pseudo_label(checkpoint: str | os.PathLike, images: str | os.PathLike,
 
     if not 0.0 <= threshold < 1.0:
         raise DataError(f"the pseudo-label score threshold must be in [0, 1), got {threshold}")
-    meta = load_meta(checkpoint)
-    if meta.get("method") != "detection":
-        raise CheckpointError(f"{checkpoint}: a checkpoint of method {meta.get('method')!r}, "
-                              "not of the detection method")
+    meta = detection_meta(checkpoint)  # fails here, before Ray starts an actor
     if Path(out).exists():
         raise DataError("the output folder exists; choose a new one", path=out)
     source = Path(images)
