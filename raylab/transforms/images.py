@@ -26,6 +26,7 @@ from timm.data import (
 )
 from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
+from torchvision import transforms
 
 from raylab.errors import ConfigError, DataError
 
@@ -135,6 +136,27 @@ class _SizeAwareEval:
                 f"small={self.small!r}, large={self.large!r})")
 
 
+class PadCrop:
+    """Resize the shorter side to ``size``, centre-crop a square, zero-pad by ``padding``
+    and crop ``size`` x ``size`` at a uniformly random offset; then ``then``. A top-level
+    class so that Ray can pickle it."""
+
+    def __init__(self, size: int, padding: int, then: ImageTransform) -> None:
+        self.size, self.padding, self.then = size, padding, then
+        self.square = transforms.Compose([transforms.Resize(size),
+                                          transforms.CenterCrop(size)])
+        self.crop = transforms.RandomCrop(size, padding=padding)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.size != (self.size, self.size):
+            img = self.square(img)
+        return self.then(self.crop(img) if self.padding else img)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, padding={self.padding}, "
+                f"then={self.then!r})")
+
+
 def build_transform(
     is_training: bool,
     input_size: int,
@@ -143,6 +165,8 @@ def build_transform(
     re_prob: float = 0.25,
     interpolation: str = "bicubic",
     scale: tuple[float, float] = (0.08, 1.0),
+    crop: str = "resized",
+    padding: int = 4,
     hflip: float = 0.5,
     color_jitter: float = 0.4,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -153,8 +177,10 @@ def build_transform(
 ) -> ImageTransform:
     """Build a PIL -> tensor ``[3, S, S]`` transform with ``timm.data.create_transform``.
 
-    Training: random-resized crop to ``input_size`` with area ``scale``, horizontal flip,
-    then RandAugment (``auto_augment``; timm turns colour jitter **off** whenever an
+    Training: random-resized crop to ``input_size`` with area ``scale`` (``crop="pad"``:
+    resize and centre-crop to ``input_size``, zero-pad by ``padding`` and crop
+    ``input_size`` at a random offset, the CIFAR practice), horizontal flip, then
+    RandAugment (``auto_augment``; timm turns colour jitter **off** whenever an
     auto-augment policy is given, so ``color_jitter`` only acts with ``auto_augment=None``),
     to-tensor, normalisation and random erasing (``re_prob``, ``re_mode``).
 
@@ -172,7 +198,9 @@ def build_transform(
         auto_augment: timm auto-augment policy string, or None for none.
         re_prob: Random-erasing probability (training only).
         interpolation: Resize interpolation (``bicubic``, ``bilinear``, ``random``, ...).
-        scale: Random-resized-crop area range.
+        scale: Random-resized-crop area range (``crop="resized"``).
+        crop: ``resized`` (random-resized crop) or ``pad`` (pad-and-crop).
+        padding: Zero padding on each side for ``crop="pad"``.
         hflip: Horizontal-flip probability.
         color_jitter: Colour-jitter strength (used only without ``auto_augment``).
         mean: Normalisation mean per channel (0-1 scale).
@@ -184,19 +212,30 @@ def build_transform(
             (see :func:`normalize_on_device`).
 
     Raises:
-        ConfigError: ``input_size`` below 1, a probability outside [0, 1] or ``crop_pct``
-            outside (0, 1].
+        ConfigError: ``input_size`` below 1, a probability outside [0, 1], ``crop_pct``
+            outside (0, 1], an unknown ``crop`` or a negative ``padding``.
     """
     _check_options(input_size, re_prob, hflip, crop_pct)
+    if crop not in ("resized", "pad"):
+        raise ConfigError(f"crop must be 'resized' or 'pad', got {crop!r}")
+    if padding < 0:
+        raise ConfigError(f"padding must be >= 0, got {padding!r}")
     common: dict[str, Any] = dict(
         input_size=int(input_size), interpolation=interpolation,
         mean=tuple(mean), std=tuple(std), normalize=normalize,
     )
     if is_training:
-        return create_transform(
-            is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=color_jitter,
-            auto_augment=auto_augment or None, re_prob=re_prob, re_mode=re_mode, **common,
+        # After a pad-and-crop the image is already input_size square: a "random-resized"
+        # crop of scale 1 and ratio 1 is then the identity, and timm's factory still
+        # does the flip, RandAugment, tensor conversion, normalisation and erasing.
+        pad = crop == "pad"
+        train = create_transform(
+            is_training=True, scale=(1.0, 1.0) if pad else tuple(scale),
+            ratio=(1.0, 1.0) if pad else (3 / 4, 4 / 3), hflip=hflip,
+            color_jitter=color_jitter, auto_augment=auto_augment or None, re_prob=re_prob,
+            re_mode=re_mode, **common,
         )
+        return PadCrop(int(input_size), padding, train) if pad else train
     if crop_pct is not None:
         return create_transform(is_training=False, crop_pct=crop_pct, **common)
     return _SizeAwareEval(

@@ -316,3 +316,46 @@ def test_device_normalize_matches_cpu_path_and_erases() -> None:
     erased = DeviceNormalize(re_prob=1.0)(x.clone())
     changed = (erased != normalize_on_device(x)).flatten(1).any(1)
     assert changed.all()  # every image got one erased box
+
+
+def _pad_crop(padding: int, **kw) -> object:
+    return build_transform(True, 32, crop="pad", padding=padding, hflip=0.0,
+                           auto_augment=None, color_jitter=0.0, re_prob=0.0,
+                           normalize=False, **kw)
+
+
+def test_pad_crop_without_padding_is_the_identity() -> None:
+    img = _random_image(32, 32)
+    out = _pad_crop(0)(img)
+    assert out.dtype == torch.uint8
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), np.asarray(img))
+
+
+def test_pad_crop_is_a_window_of_the_zero_padded_image() -> None:
+    """Every output is some 32 x 32 window of the image zero-padded by 4 (no resampling),
+    and over many draws the window moves by up to 4 pixels in each direction."""
+    img = _random_image(32, 32, seed=3)
+    padded = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)))
+    t = _pad_crop(4)
+    offsets = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        out = t(img).permute(1, 2, 0).numpy()
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if np.array_equal(out, padded[dy:dy + 32, dx:dx + 32])]
+        assert found, "not a window of the padded image"
+        offsets.add(found[0])
+    assert {dy for dy, _ in offsets} == set(range(9))
+    assert {dx for _, dx in offsets} == set(range(9))
+
+
+def test_pad_crop_squares_other_sizes_first() -> None:
+    out = _pad_crop(4)(_random_image(40, 64))
+    assert tuple(out.shape) == (3, 32, 32)
+
+
+def test_pad_crop_options_errors() -> None:
+    with pytest.raises(ConfigError, match="crop must be"):
+        build_transform(True, 32, crop="centre")
+    with pytest.raises(ConfigError, match="padding must be"):
+        build_transform(True, 32, crop="pad", padding=-1)

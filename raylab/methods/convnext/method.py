@@ -112,6 +112,9 @@ class ConvNeXtMethod(Method):
               f"epochs with {o.warmup_epochs} warm-up, mixup {cfg.aug.mixup:g} / cutmix "
               f"{cfg.aug.cutmix:g} / smoothing {cfg.aug.smoothing:g}, {cfg.precision}",
               flush=True)
+        warning = cfg.short_schedule_warning()
+        if warning:
+            print(warning, flush=True)
 
     def summarise(self, cfg: ConvNeXtConfig, data: ImageData, results: list[RunResult]
                   ) -> dict[str, Any]:
