@@ -213,6 +213,14 @@ def znorm(x: np.ndarray, stats: ChannelStats) -> np.ndarray:
     return out
 
 
+def trial_stats(x: np.ndarray, eps: float = 1e-6) -> ChannelStats:
+    """The per-channel statistics of one ``[T, C]`` recording (std floored at ``eps``: a
+    channel constant within the recording normalises to zero)."""
+    acc = ChannelStatsAccumulator()
+    acc.update(x)
+    return acc.result(eps)
+
+
 def _trial_array(kinematics: Any, n_frames: int, n_channels: int, trial: int) -> np.ndarray:
     flat = np.asarray(kinematics, dtype=np.float32).reshape(-1)
     if flat.size != n_frames * n_channels:
@@ -230,6 +238,7 @@ def windows_from_trials(
     step: int,
     stats: ChannelStats | None,
     n_channels: int = 76,
+    per_trial: bool = False,
 ) -> dict[str, np.ndarray]:
     """Turn a batch of trials into a batch of (z-normalised) windows.
 
@@ -245,6 +254,8 @@ def windows_from_trials(
         step: Window step in frames.
         stats: Training-split channel statistics, or None to leave values as they are.
         n_channels: Channels per frame ``C``.
+        per_trial: Z-normalise each trial with its own statistics (:func:`trial_stats`)
+            instead of ``stats`` (which must then be None).
 
     Returns:
         ``x`` float32 ``[N, width, C]``, ``y`` int64 ``[N]`` (the trial's label),
@@ -260,6 +271,8 @@ def windows_from_trials(
     missing = [c for c in _TRIAL_COLUMNS if c not in batch]
     if missing:
         raise DataError(f"trial batch is missing columns {missing}; has {sorted(batch)}")
+    if per_trial and stats is not None:
+        raise ConfigError("per-trial normalisation takes no training-split stats")
     if stats is not None and stats.n_channels != n_channels:
         raise ConfigError(
             f"normalisation stats have {stats.n_channels} channels, expected {n_channels}"
@@ -283,8 +296,8 @@ def windows_from_trials(
     parts = []
     for i in range(len(kin)):
         trial = _trial_array(kin[i], int(n_frames[i]), n_channels, int(trial_ids[i]))
-        if stats is not None:
-            trial = znorm(trial, stats)
+        if stats is not None or per_trial:
+            trial = znorm(trial, trial_stats(trial) if per_trial else stats)
         parts.append(sliding_windows(trial, width, step))
 
     counts = (n_frames - width) // step + 1

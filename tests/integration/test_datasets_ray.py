@@ -131,3 +131,32 @@ def test_max_train_rows_is_one_fixed_seeded_subset(ray_cluster, tmp_path: Path) 
     other = cfglib.apply_overrides(cfg, {"seed": 4})
     assert sorted(r["path"] for r in encoded_images(paths, other, True, limit=10)
                   .iter_rows()) != epochs[0]
+
+
+def test_skill_windows_normalised_per_recording(ray_cluster, tmp_path: Path) -> None:
+    """normalize: recording through the Ray Data windowing: every window of a trial is
+    normalised with that trial's own statistics (by hand), not the training split's."""
+    import numpy as np
+
+    from raylab.methods.skill.config import SkillConfig
+    from raylab.methods.skill.data import TRIAL_COLUMNS, Trial, TrialRows, window_dataset
+    from raylab.runtime.datasets import stream_shards
+
+    rng = np.random.default_rng(2)
+    kin = {f"t{j}": rng.normal(3 * j, j + 1, size=(12, 76)).astype(np.float32)
+           for j in range(3)}
+    path = tmp_path / "kin.parquet"
+    pq.write_table(pa.table({
+        "name": list(kin), "n_frames": pa.array([12] * 3, type=pa.int32()),
+        "kinematics": pa.array([k.reshape(-1) for k in kin.values()],
+                               type=pa.list_(pa.float32()))}), path)
+    rows = TrialRows(stream_shards([str(path)], TRIAL_COLUMNS, shuffle_files=False), None)
+    trials = [Trial(name, "S", 1, 0, 12) for name in kin]
+    cfg = SkillConfig(window=6, step=3, normalize="recording")
+    out = window_dataset(rows, trials, cfg, None).take_all()
+    assert len(out) == 3 * 3
+    for row in out:
+        frames = kin[trials[int(row["trial_idx"])].name]
+        own = (frames - frames.mean(0)) / frames.std(0)
+        start = int(row["window_idx"]) * 3
+        np.testing.assert_allclose(row["x"], own[start:start + 6], rtol=1e-4, atol=1e-4)

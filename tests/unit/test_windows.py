@@ -172,3 +172,30 @@ def test_windows_from_trials_errors():
     stats3 = ChannelStats(mean=np.zeros(3), std=np.ones(3))
     with pytest.raises(ConfigError, match="3 channels"):
         windows_from_trials(batch, width=2, step=1, stats=stats3, n_channels=2)
+
+
+def _batch(*trials: np.ndarray) -> dict[str, np.ndarray]:
+    kin = np.empty(len(trials), dtype=object)
+    for i, t in enumerate(trials):
+        kin[i] = t.reshape(-1)
+    return {"kinematics": kin, "n_frames": np.array([len(t) for t in trials]),
+            "label": np.zeros(len(trials), dtype=np.int64),
+            "trial_idx": np.arange(len(trials))}
+
+
+def test_per_trial_normalisation_uses_each_trials_own_statistics():
+    """normalize: recording. Trial 0's frames are 2k + c (k = 0..4, channel c), so
+    channel c has mean 4 + c and population std sqrt(8)."""
+    t0, t1 = _trial(5, 0.0), _trial(7, 100.0)
+    out = windows_from_trials(_batch(t0, t1), width=3, step=2, stats=None, n_channels=2,
+                              per_trial=True)
+    by_hand = (t0[0:3] - np.array([4.0, 5.0])) / np.sqrt(8.0)
+    np.testing.assert_allclose(out["x"][0], by_hand, rtol=1e-6)
+    # Invariant: a recording scaled and shifted as a whole normalises to the same values
+    # (trial 1 is trial 0's pattern, longer and offset; compare it with 3x + 7 of itself).
+    moved = windows_from_trials(_batch(t0, t1 * 3.0 + 7.0), width=3, step=2, stats=None,
+                                n_channels=2, per_trial=True)
+    np.testing.assert_allclose(moved["x"], out["x"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="per-trial"):
+        windows_from_trials(_batch(t0), width=3, step=2, n_channels=2, per_trial=True,
+                            stats=ChannelStats(mean=np.zeros(2), std=np.ones(2)))

@@ -20,7 +20,7 @@ from raylab.engine.checkpoint import load_checkpoint, load_meta, restore_checkpo
 from raylab.errors import CheckpointError, DataError
 from raylab.methods.skill.config import SkillConfig
 from raylab.methods.skill.task import build_model
-from raylab.transforms.windows import ChannelStats, znorm
+from raylab.transforms.windows import ChannelStats, ChannelStatsAccumulator, znorm
 
 FRAME_RATE_HZ = 30.0
 
@@ -47,7 +47,8 @@ class SkillAssessor:
             raise CheckpointError(f"{checkpoint}: a {meta.get('method')!r} checkpoint, "
                                   "expected one from `raylab train skill`")
         self.cfg = from_dict(SkillConfig, meta["config"])
-        self.stats = ChannelStats.from_dict(meta["stats"])
+        # None: the model was trained on recordings normalised with their own statistics.
+        self.stats = None if meta.get("stats") is None else ChannelStats.from_dict(meta["stats"])
         self.class_names = list(meta["class_names"])
         self.n_channels = int(meta["n_channels"])
         self.model = build_model(self.cfg, len(self.class_names), self.n_channels)
@@ -58,17 +59,25 @@ class SkillAssessor:
 
     @torch.inference_mode()
     def stream(self, frames: np.ndarray) -> Assessment:
-        """Classify each window as it would arrive live; time only the model's work."""
+        """Classify each window as it would arrive live; time only the model's work (and
+        the normalisation). A model trained with ``normalize: recording`` normalises each
+        window with the statistics of the recording's frames up to its end."""
         w, step = self.cfg.window, self.cfg.step
         if frames.shape[0] < w:
             raise DataError(f"recording has {frames.shape[0]} frames, fewer than the "
                             f"model's window of {w}")
         ends = np.arange(w, frames.shape[0] + 1, step)
         probs, latency = [], []
+        # Live, a recording's own statistics can only cover the frames seen so far.
+        seen, start = ChannelStatsAccumulator(), 0
         for end in ends:
             window = frames[end - w:end]
             t0 = time.perf_counter()
-            x = torch.from_numpy(znorm(window, self.stats)).unsqueeze(0)
+            stats = self.stats
+            if stats is None:
+                seen.update(frames[start:end])
+                start, stats = end, seen.result()
+            x = torch.from_numpy(znorm(window, stats)).unsqueeze(0)
             p = torch.softmax(self.model(x), dim=1)[0].numpy()
             latency.append((time.perf_counter() - t0) * 1e3)
             probs.append(p)

@@ -62,6 +62,11 @@ class SkillConfig(cfglib.EpochConfig):
     window: int = 60
     step: int = 30
     cv: Literal["loso", "louo", "holdout"] = "loso"
+    #: Z-normalisation statistics per channel: ``train`` (the fold's training trials;
+    #: one set for every recording, no look at test data) or ``recording`` (each trial
+    #: with its own, the paper's "vector x"; `raylab assess` then uses the frames up to
+    #: each window). BENCHMARKS.md, "Surgical skill", measures both.
+    normalize: Literal["train", "recording"] = "train"
     #: Run only these folds (names such as supertrial1, userB); empty runs every fold.
     folds: list[str] = field(default_factory=list)
     holdout_fraction: float = 0.25

@@ -112,11 +112,12 @@ class TrialWindows:
     """
 
     def __init__(self, assign: dict[str, tuple[int, int]], width: int, step: int,
-                 stats: dict[str, list[float]]) -> None:
+                 stats: dict[str, list[float]] | None) -> None:
         self.assign = assign
         self.width = width
         self.step = step
-        self.stats = ChannelStats.from_dict(stats)
+        # None: each trial with its own statistics (normalize: recording).
+        self.stats = None if stats is None else ChannelStats.from_dict(stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = np.array([n in self.assign for n in batch["name"]], dtype=bool)
@@ -128,7 +129,8 @@ class TrialWindows:
             "trial_idx": np.array([self.assign[n][1] for n in names], dtype=np.int64),
         }
         return windows_from_trials(sub, width=self.width, step=self.step, stats=self.stats,
-                                   n_channels=jigsaws.N_CHANNELS)
+                                   n_channels=jigsaws.N_CHANNELS,
+                                   per_trial=self.stats is None)
 
 
 def _accumulate(tables: list[Any]) -> ChannelStatsAccumulator:
@@ -194,11 +196,13 @@ def table_channel_stats(tables: list[Any], names: set[str]) -> ChannelStats:
 
 
 def window_dataset(rows: TrialRows, trials: list[Trial], cfg: SkillConfig,
-                   stats: ChannelStats) -> Any:
-    """The windowed Ray Dataset of ``trials`` (``rows`` from :func:`trial_rows`)."""
+                   stats: ChannelStats | None) -> Any:
+    """The windowed Ray Dataset of ``trials`` (``rows`` from :func:`trial_rows`);
+    ``stats`` None normalises each trial with its own statistics."""
     assign = {t.name: (t.label, i) for i, t in enumerate(trials)}
     # Filtering before windowing keeps batches non-empty: Ray Data cannot store an empty
     # batch of [0, W, C] tensors as a tensor column and would fall back to pickling.
     ds = rd.keep_rows(rows.dataset, "name", set(assign))
-    windows = TrialWindows(assign, cfg.window, cfg.step, stats.to_dict())
+    windows = TrialWindows(assign, cfg.window, cfg.step,
+                           None if stats is None else stats.to_dict())
     return ds.map_batches(windows, batch_format="numpy", batch_size=16)

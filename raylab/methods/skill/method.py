@@ -43,12 +43,14 @@ from raylab.transforms.windows import ChannelStats
 log = logging.getLogger("raylab")
 
 
-def checkpoint_meta(cfg: SkillConfig, stats: ChannelStats, fold: str) -> dict[str, Any]:
-    """What `raylab assess` needs to use the model without the training data."""
+def checkpoint_meta(cfg: SkillConfig, stats: ChannelStats | None, fold: str
+                    ) -> dict[str, Any]:
+    """What `raylab assess` needs to use the model without the training data (``stats``
+    None: each recording is normalised with its own, ``normalize: recording``)."""
     return {
         "method": "skill",
         "config": cfglib.to_dict(cfg),
-        "stats": stats.to_dict(),
+        "stats": None if stats is None else stats.to_dict(),
         "class_names": list(CLASS_NAMES),
         "n_channels": jigsaws.N_CHANNELS,
         "fold": fold,
@@ -96,7 +98,8 @@ class SkillMethod(Method):
                ) -> tuple[dict[str, Any], dict[str, Any]]:
         train, evaluate = plan.data[TRAIN], plan.data[plan.split]
         rows = data.rows(cfg)
-        stats = channel_stats(rows, {t.name for t in train})
+        stats = (channel_stats(rows, {t.name for t in train}) if cfg.normalize == "train"
+                 else None)
         datasets = {TRAIN: window_dataset(rows, train, cfg, stats),
                     plan.split: window_dataset(rows, evaluate, cfg, stats)}
         args = {"eval_trial_labels": [t.label for t in evaluate],
