@@ -53,6 +53,15 @@ def shared_data() -> Path:
     return Path(os.environ.get("RAYLAB_DATA", default))
 
 
+def local_options(workers: int = 1) -> Any:
+    """The RunOptions ``raylab train --workers N`` uses on this machine (``--cpus-per-worker
+    auto``: the cores shared between the workers), so a bench measures what a user runs."""
+    from raylab.runtime.options import RunOptions, parse_cpus
+
+    return RunOptions(workers=workers, cpus_per_worker=parse_cpus(
+        "auto", workers, joins_cluster=False, tuning=False))
+
+
 def say_data(what: str) -> None:
     """Print which data a benchmark measures on (a fallback must never be silent)."""
     print(f"bench data: {what}", flush=True)
@@ -116,5 +125,5 @@ def run(name: str, options: BenchOptions | None = None) -> dict[str, Any]:
     return result
 
 
-__all__ = ["BENCHES", "COMMAND_START", "Bench", "BenchOptions", "run", "say_data",
-           "shared_data"]
+__all__ = ["BENCHES", "COMMAND_START", "Bench", "BenchOptions", "local_options", "run",
+           "say_data", "shared_data"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions, say_data, shared_data
+from raylab.bench import BenchOptions, local_options, say_data, shared_data
 from raylab.data.coco import convert_coco
 from raylab.data.detection_sample import convert_sample, write_detection_sample
 from raylab.engine.schedules import set_lr
@@ -31,7 +31,6 @@ from raylab.errors import DataError
 from raylab.methods.detection import DetectionConfig, DetectionMethod
 from raylab.optim import build_optimizer
 from raylab.runtime.cluster import ensure_ray
-from raylab.runtime.options import RunOptions, parse_cpus
 from raylab.tasks.detection.data import load_detection_data, read_batch, train_transform
 from raylab.tasks.detection.task import LOSS_KEYS, build_model, lr_schedule
 from raylab.transforms.detection_batch import detection_batch_transform, to_torchvision_targets
@@ -128,9 +127,7 @@ def _train(cfg: DetectionConfig, storage: Path, name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     # What `raylab train` gives one worker on this machine (--cpus-per-worker auto: all
     # cores, so as many torch threads as the plain loop has).
-    options = RunOptions(workers=1, cpus_per_worker=parse_cpus("auto", 1, joins_cluster=False,
-                                                               tuning=False))
-    summary = DetectionMethod().train(cfg, options, str(storage), name)
+    summary = DetectionMethod().train(cfg, local_options(1), str(storage), name)
     return {"box": {k: _round(v) for k, v in summary["bbox"].items()},
             "mask": {k: _round(v) for k, v in summary["segm"].items()},
             "params": summary["params"], "train_img_per_s": summary["train_img_per_s"],

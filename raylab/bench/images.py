@@ -5,10 +5,12 @@
   vs a torch DataLoader running the same transform over the same shards with as many
   worker processes as Ray Data may use CPUs.
 - ``convnext-cifar``: top-1 of ``convnext_atto`` trained from scratch for a fixed number of
-  epochs with the recipe scaled to the budget, next to a plain ResNet-18 under the same
-  epochs, recipe and data (the CIFAR-10 subset when present).
+  epochs with the paper's recipe (lr scaled) and with the short-budget recipe, next to a
+  plain PyTorch loop written without raylab (:mod:`.plain_cifar`), same epochs, batch
+  and data (the CIFAR-10 subset when present).
 - ``dino-cifar``: k-NN top-1 of a small ViT trained with DINO, next to the same network
-  at random init and trained supervised for the same epochs.
+  at random init and trained supervised for the same epochs, and the k-NN on the raw
+  pixels as the floor a representation must clear.
 - ``dino-scaling``: DINO images/s with 1 vs 2 Train workers.
 """
 
@@ -25,7 +27,8 @@ import pyarrow.parquet as pq
 import torch
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions, say_data, shared_data
+from raylab.bench import BenchOptions, local_options, say_data, shared_data
+from raylab.bench.plain_cifar import train_plain
 from raylab.data.imagefolder import (
     class_names,
     convert_imagefolder,
@@ -124,29 +127,41 @@ def bench_ingest_images(opts: BenchOptions, processes: int = 2, input_size: int 
             "dataloader_images_per_s": round(dl_rate, 1), "ratio": round(ray_rate / dl_rate, 3)}
 
 
-#: The ImageNet recipe scaled to a short CPU run: lr for the actual batch and a one-epoch
-#: warm-up; augmentation, Mixup/CutMix, smoothing and weight decay as in the paper.
-CIFAR_BUDGET = {"input_size": 32, "optim.batch_size": 128, "optim.reference_batch": 128,
-                "optim.lr": 2e-3, "optim.warmup_epochs": 1}
+#: The paper's recipe scaled to a short CPU run (the issue's command): lr for the actual
+#: batch and a one-epoch warm-up; augmentation, Mixup/CutMix, smoothing and weight decay
+#: as in the paper.
+CIFAR_BUDGET = {"model": "convnext_atto", "input_size": 32, "optim.batch_size": 64,
+                "optim.reference_batch": 64, "optim.lr": 2e-3, "optim.warmup_epochs": 1}
+
+#: The short-budget recipe (jobs/configs/convnext/cifar_cpu.yaml holds the same; a unit
+#: test keeps the two equal): the regularisers of a 300-epoch ImageNet run off, the
+#: CIFAR crop (pad 4, random offset) and flip, label smoothing 0.1 kept.
+CIFAR_SHORT_RECIPE = {**CIFAR_BUDGET, "aug.auto_augment": "", "aug.re_prob": 0.0,
+                      "aug.mixup": 0.0, "aug.cutmix": 0.0, "aug.color_jitter": 0.0,
+                      "aug.crop": "pad", "aug.padding": 4}
 
 
-def bench_convnext_cifar(opts: BenchOptions, input_size: int = 32) -> dict[str, Any]:
+def bench_convnext_cifar(opts: BenchOptions) -> dict[str, Any]:
+    """convnext_atto for the same epochs three ways: the paper's recipe (scaled lr), the
+    short-budget recipe, and a plain PyTorch loop written without raylab (the baseline)."""
     epochs, tmp = max(opts.epochs, 2), opts.tmp
     shards = image_shards(opts.data, tmp)
     ensure_ray()
     out: dict[str, Any] = {"bench": "convnext-cifar", "epochs": epochs,
-                           "budget": dict(CIFAR_BUDGET, input_size=input_size)}
-    for model in ("convnext_atto", "resnet18"):
-        cfg = _config(shards, model=model, **dict(CIFAR_BUDGET, input_size=input_size),
-                      **{"optim.epochs": epochs, "checkpoint_every": 1000})
+                           "short_recipe_config": CIFAR_SHORT_RECIPE}
+    for name, recipe in (("paper_recipe", CIFAR_BUDGET), ("short_recipe", CIFAR_SHORT_RECIPE)):
+        cfg = _config(shards, **recipe, **{"optim.epochs": epochs, "checkpoint_every": 1000})
         t0 = time.perf_counter()
-        summary = ConvNeXtMethod().train(cfg, RunOptions(workers=1), str(tmp / "runs"), model)
-        out[model] = {"top1": round(summary["top1"], 4), "top5": round(summary["top5"], 4),
-                      "params": summary["params"], "gmacs": round(summary["gmacs"], 4),
-                      "train_img_per_s": round(summary["train_img_per_s"], 1),
-                      "wall_s": round(time.perf_counter() - t0, 1)}
+        summary = ConvNeXtMethod().train(cfg, local_options(1), str(tmp / "runs"), name)
+        out[name] = {"top1": round(summary["top1"], 4), "top5": round(summary["top5"], 4),
+                     "train_img_per_s": round(summary["train_img_per_s"], 1),
+                     "wall_s": round(time.perf_counter() - t0, 1)}
+    out["plain_loop"] = train_plain(shards, model=CIFAR_BUDGET["model"], epochs=epochs,
+                                    batch_size=CIFAR_BUDGET["optim.batch_size"],
+                                    lr=CIFAR_BUDGET["optim.lr"])
+    out["top1_ratio_short_vs_plain"] = round(
+        out["short_recipe"]["top1"] / max(out["plain_loop"]["top1"], 1e-9), 3)
     return out
-
 
 
 #: DINO on 32 px CIFAR within a CPU budget (jobs/configs/dino/cifar_cpu.yaml holds the
@@ -197,6 +212,16 @@ def _knn(backbone: torch.nn.Module, data: dict[str, Any], size: int, classes: in
     return out
 
 
+def _raw_pixels_knn(data: dict[str, Any], size: int, classes: int) -> dict[str, float]:
+    """The floor a representation must clear: the same k-NN on the normalised pixels
+    themselves (each image flattened to 3 x size x size values)."""
+    flat = {split: (_features(torch.nn.Flatten(), data[split][0], size), data[split][1])
+            for split in ("train", "test")}
+    pred = knn_classify(flat["train"][0], flat["train"][1], flat["test"][0], k=20, T=0.07,
+                        num_classes=classes)
+    return {"knn_top1": round(float((pred == flat["test"][1]).float().mean()), 4)}
+
+
 def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> dict[str, float]:
     """The same backbone + a linear head, cross-entropy, same epochs/batch, in plain torch."""
     torch.manual_seed(cfg.seed)
@@ -241,11 +266,12 @@ def bench_dino_cifar(opts: BenchOptions) -> dict[str, Any]:
     out: dict[str, Any] = {"bench": "dino-cifar", "epochs": epochs, "budget": DINO_BUDGET,
                            "train_images": len(data["train"][1]),
                            "test_images": len(data["test"][1]),
+                           "raw_pixels": _raw_pixels_knn(data, cfg.img_size, classes),
                            "random_init": _knn(random_init, data, cfg.img_size, classes,
                                                cfg.linear_probe_epochs)}
     ensure_ray()
     t0 = time.perf_counter()
-    summary = DINOMethod().train(cfg, RunOptions(workers=1), str(tmp / "runs"), "dino")
+    summary = DINOMethod().train(cfg, local_options(1), str(tmp / "runs"), "dino")
     out["dino"] = {"knn_top1": round(summary["knn_top1"], 4),
                    "knn_top1_student": round(summary["knn_top1_student"], 4),
                    "linear_top1": round(summary["linear_top1"], 4),

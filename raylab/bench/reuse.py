@@ -29,10 +29,9 @@ import torch
 from torch import nn
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions, say_data, shared_data
+from raylab.bench import BenchOptions, local_options, say_data, shared_data
 from raylab.data.imagefolder import convert_imagefolder, write_image_sample
 from raylab.runtime.cluster import ensure_ray
-from raylab.runtime.options import RunOptions, parse_cpus
 
 BACKBONE = "resnet18"
 #: The source task's recipe (the backbone) and the target task's (every row): light
@@ -60,12 +59,6 @@ DETECTION_ROWS = {
     "frozen + bigger detector": {"freeze": "backbone+norms", "fpn_layers": 2,
                                  "head_convs": 6},
 }
-
-
-def _options(workers: int = 1) -> RunOptions:
-    # What `raylab train` gives the workers on this machine (--cpus-per-worker auto).
-    return RunOptions(workers=workers, cpus_per_worker=parse_cpus(
-        "auto", workers, joins_cluster=False, tuning=False))
 
 
 def split_classes(src: Path, dst: Path) -> tuple[Path, Path, list[str]]:
@@ -149,7 +142,7 @@ def pretrain_backbone(source: Path, tmp: Path, epochs: int) -> tuple[str, dict[s
     cfg = cfglib.apply_overrides(ConvNeXtConfig(), {
         "data": str(tmp / "source_shards"), **SOURCE, "optim.epochs": epochs})
     t0 = time.perf_counter()
-    s = ConvNeXtMethod().train(cfg, _options(), str(tmp / "runs"), "backbone")
+    s = ConvNeXtMethod().train(cfg, local_options(), str(tmp / "runs"), "backbone")
     return str(tmp / "runs" / "backbone" / "run" / "model"), {
         "model": BACKBONE, "epochs": epochs, "source_top1": round(s["top1"], 4),
         "wall_s": round(time.perf_counter() - t0, 1)}
@@ -166,7 +159,7 @@ def bench_reuse_cifar(opts: BenchOptions, backbone: str, target: Path, epochs: i
             "data": str(opts.tmp / "target_shards"), "backbone_checkpoint": backbone,
             **TARGET, **overrides, "optim.epochs": epochs})
         t0 = time.perf_counter()
-        s = ReuseMethod().train(cfg, _options(), str(opts.tmp / "runs"),
+        s = ReuseMethod().train(cfg, local_options(), str(opts.tmp / "runs"),
                                 "cls_" + row.replace(" ", "_").replace(",", "").replace("+",
                                                                                       "and"))
         rows[row] = {"top1": round(s["top1"], 4), "params": s["params"],
@@ -193,7 +186,7 @@ def bench_reuse_detection(opts: BenchOptions, backbone: str, epochs: int) -> dic
             "backbone_checkpoint": backbone, "report_images": 0, **overrides,
             "optim.epochs": epochs, "eval_every": epochs})
         t0 = time.perf_counter()
-        s = DetectionMethod().train(cfg, _options(), str(opts.tmp / "runs"),
+        s = DetectionMethod().train(cfg, local_options(), str(opts.tmp / "runs"),
                                     "det_" + row.replace(" ", "_").replace("+", "and"))
         rows[row] = {"box_AP": _round(s["bbox"]["AP"]), "box_AP50": _round(s["bbox"]["AP50"]),
                      "mask_AP": _round(s["segm"]["AP"]), "params": s["params"],

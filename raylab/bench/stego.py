@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from raylab import config as cfglib
-from raylab.bench import BenchOptions, say_data, shared_data
+from raylab.bench import BenchOptions, local_options, say_data, shared_data
 from raylab.runtime.cluster import ensure_ray
-from raylab.runtime.options import RunOptions, parse_cpus
 
 #: DINO on the segmentation images: the measured CIFAR recipe (jobs/configs/dino/
 #: cifar_cpu.yaml) at 64 px, i.e. 8 x 8 tokens of 8 px, with a batch of 32 and twice the
@@ -45,11 +44,6 @@ DATASETS = {
                 "coco128/annotations/panoptic_categories.json",
                 {"train": "train2017", "val": "val2017"}, "val"),
 }
-
-
-def _options() -> RunOptions:
-    return RunOptions(workers=1, cpus_per_worker=parse_cpus(
-        "auto", 1, joins_cluster=False, tuning=False))
 
 
 def _link_images(folders: list[Path], dst: Path) -> Path:
@@ -78,7 +72,7 @@ def pretrain_dino(images: list[Path], tmp: Path, epochs: int) -> tuple[str, dict
     cfg = cfglib.apply_overrides(DINOConfig(), {"data": str(shards), **DINO_RECIPE,
                                                 "optim.epochs": epochs})
     t0 = time.perf_counter()
-    s = DINOMethod().train(cfg, _options(), str(tmp / "runs"), "dino")
+    s = DINOMethod().train(cfg, local_options(), str(tmp / "runs"), "dino")
     return str(tmp / "runs" / "dino" / "run" / "model"), {
         "epochs": epochs, "train_images": s["knn_rows"], "img_per_s": round(s["img_per_s"], 1),
         "wall_s": round(time.perf_counter() - t0, 1)}
@@ -119,7 +113,7 @@ def stego_rows(shards: Path, eval_split: str, backbone: str, epochs: int, tmp: P
         "data": str(shards), "backbone": backbone, "eval_split": eval_split,
         "feature_cache": str(tmp / "stego_cache"), **STEGO_RECIPE, "optim.epochs": epochs})
     t0 = time.perf_counter()
-    s = StegoMethod().train(cfg, _options(), str(tmp / "runs"), name)
+    s = StegoMethod().train(cfg, local_options(), str(tmp / "runs"), name)
     r = lambda v: round(float(v), 1)  # noqa: E731
     return {
         "(a) k-means on raw features": {"miou": r(s["kmeans_miou"]),

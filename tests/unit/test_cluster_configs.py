@@ -462,3 +462,17 @@ def test_dino_cpu_recipe_is_the_benchmarked_one() -> None:
     from_file = cfglib.load(DINOConfig, REPO / "jobs" / "configs" / "dino" / "cifar_cpu.yaml")
     from_bench = cfglib.apply_overrides(DINOConfig(), DINO_BUDGET)
     assert cfglib.to_dict(from_file) == cfglib.to_dict(from_bench)
+
+
+def test_convnext_cpu_recipe_is_the_benchmarked_one() -> None:
+    """jobs/configs/convnext/cifar_cpu.yaml is what `raylab bench convnext-cifar` measures."""
+    from raylab import config as cfglib
+    from raylab.bench.images import CIFAR_SHORT_RECIPE
+    from raylab.methods.convnext.config import ConvNeXtConfig
+
+    path = REPO / "jobs" / "configs" / "convnext" / "cifar_cpu.yaml"
+    from_file = cfglib.load(ConvNeXtConfig, path)
+    from_bench = cfglib.apply_overrides(ConvNeXtConfig(), CIFAR_SHORT_RECIPE)
+    assert cfglib.to_dict(from_file) == cfglib.to_dict(from_bench)
+    short = cfglib.load(ConvNeXtConfig, path, overrides={"optim.epochs": 15})
+    assert short.short_schedule_warning() is None, "the short recipe must not warn"
