@@ -48,6 +48,20 @@ def test_small_sets_match_streaming(ray_cluster, shard_files: list[str]) -> None
     assert in_order.num_blocks() >= 3  # cut so that every CPU gets work
 
 
+def test_streamed_files_are_cut_into_small_blocks(ray_cluster, shard_files: list[str]
+                                                  ) -> None:
+    """rows_per_block: a streamed file reaches the next stage in blocks of at most that
+    many rows (so its per-row work spreads over tasks), and no row is lost or repeated."""
+    whole = read_shards(shard_files, ["name", "value"], shuffle_files=False, materialize_mb=0)
+    cut = read_shards(shard_files, ["name", "value"], shuffle_files=False, materialize_mb=0,
+                      rows_per_block=4)
+    assert _rows(cut) == _rows(whole)
+    sizes = [len(b["name"]) for b in cut.iter_batches(batch_size=None)]
+    assert max(sizes) <= 4 and sum(sizes) == 20
+    # Without the cut, Ray Data hands over whole files (here even several in one block).
+    assert max(len(b["name"]) for b in whole.iter_batches(batch_size=None)) >= 13
+
+
 def test_a_damaged_small_shard_is_named(ray_cluster, shard_files: list[str]) -> None:
     Path(shard_files[2]).write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"part-00002\.parquet: unreadable Parquet data"):

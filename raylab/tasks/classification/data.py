@@ -223,6 +223,10 @@ def row_subset(values: list[Any], count: int, seed: int) -> list[Any]:
     return [values[i] for i in np.sort(rng.choice(len(values), size=count, replace=False))]
 
 
+#: Rows per block of a streamed split before decoding (a few map batches of small images).
+STREAM_BLOCK_ROWS = 512
+
+
 def encoded_images(paths: list[str], cfg: ImageDataConfig, training: bool,
                    hold_out: bool | None = None, limit: int = 0) -> Any:
     """The encoded rows, streamed from Parquet or held in the object store when small.
@@ -232,8 +236,10 @@ def encoded_images(paths: list[str], cfg: ImageDataConfig, training: bool,
     ``hold_out``: None keeps every row; True keeps only the validation share of the split,
     False drops it (``cfg.val_fraction``).
     """
+    # Streamed, files arrive in blocks of STREAM_BLOCK_ROWS so that decoding and
+    # augmentation spread over tasks however few the files are (runtime.datasets).
     ds = read_shards(paths, ["image", "label", "path"], shuffle_files=training,
-                     materialize_mb=cfg.materialize_mb)
+                     materialize_mb=cfg.materialize_mb, rows_per_block=STREAM_BLOCK_ROWS)
     if limit:
         ds = keep_rows(ds, "path", row_subset(row_paths(paths), limit,
                                               getattr(cfg, "seed", 0)))

@@ -36,6 +36,8 @@ GROUND_TRUTH = ("ann_ids", "category_ids", "boxes", "areas", "iscrowd", "masks")
 GT_PREFIX = "gt_"
 #: Rows per training ``map_batches`` call: copy-paste pairs rows within one such batch.
 TRAIN_MAP_BATCH = 8
+#: Rows per block of a streamed split before the per-row transforms.
+STREAM_BLOCK_ROWS = 4 * TRAIN_MAP_BATCH
 #: The hold-out of a Tune trial is drawn by this column's value.
 ROW_ID = "image_id"
 
@@ -213,8 +215,10 @@ def eval_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, in
 
 def _rows(paths: list[str], cfg: DetectionConfig, training: bool,
           hold_out: bool | None) -> Any:
+    # Streamed, a file's rows are cut into blocks of a few map batches: decoding,
+    # jitter and copy-paste cost far more per row than reading (runtime.datasets).
     ds = read_shards(paths, COLUMNS, shuffle_files=training,
-                     materialize_mb=cfg.materialize_mb)
+                     materialize_mb=cfg.materialize_mb, rows_per_block=STREAM_BLOCK_ROWS)
     if training and cfg.max_train_rows:
         # A fixed, seeded subset: the same images every epoch.
         ds = keep_rows(ds, ROW_ID, row_subset(row_ids(paths), cfg.max_train_rows, cfg.seed))
