@@ -161,7 +161,8 @@ class ClassificationConfig(ImageDataConfig):
         return (f"warning: {', '.join(heavy)} are on for a {self.optim.epochs}-epoch run; "
                 f"they are the paper's regularisers for 300 ImageNet epochs and hold a "
                 f"short run far below what it can reach. For fewer than "
-                f"{SHORT_SCHEDULE_EPOCHS} epochs start from jobs/configs/convnext/cifar_cpu.yaml (they are off there), "
+                f"{SHORT_SCHEDULE_EPOCHS} epochs start from "
+                f"jobs/configs/convnext/cifar_cpu.yaml (they are off there), "
                 f"or set aug.mixup=0 aug.cutmix=0 aug.auto_augment='' aug.re_prob=0")
 
     def model_kwargs(self) -> dict[str, Any]:
