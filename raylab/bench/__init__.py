@@ -24,7 +24,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raylab.runtime.options import RunOptions
 
 #: Set by the CLI as early as possible: "time from command start" is measured from here.
 COMMAND_START = time.time()
@@ -53,7 +56,7 @@ def shared_data() -> Path:
     return Path(os.environ.get("RAYLAB_DATA", default))
 
 
-def local_options(workers: int = 1) -> Any:
+def local_options(workers: int = 1) -> RunOptions:
     """The RunOptions ``raylab train --workers N`` uses on this machine (``--cpus-per-worker
     auto``: the cores shared between the workers), so a bench measures what a user runs."""
     from raylab.runtime.options import RunOptions, parse_cpus

@@ -212,16 +212,6 @@ def _knn(backbone: torch.nn.Module, data: dict[str, Any], size: int, classes: in
     return out
 
 
-def _raw_pixels_knn(data: dict[str, Any], size: int, classes: int) -> dict[str, float]:
-    """The floor a representation must clear: the same k-NN on the normalised pixels
-    themselves (each image flattened to 3 x size x size values)."""
-    flat = {split: (_features(torch.nn.Flatten(), data[split][0], size), data[split][1])
-            for split in ("train", "test")}
-    pred = knn_classify(flat["train"][0], flat["train"][1], flat["test"][0], k=20, T=0.07,
-                        num_classes=classes)
-    return {"knn_top1": round(float((pred == flat["test"][1]).float().mean()), 4)}
-
-
 def _supervised(cfg: Any, data: dict[str, Any], classes: int, epochs: int) -> dict[str, float]:
     """The same backbone + a linear head, cross-entropy, same epochs/batch, in plain torch."""
     torch.manual_seed(cfg.seed)
@@ -266,7 +256,9 @@ def bench_dino_cifar(opts: BenchOptions) -> dict[str, Any]:
     out: dict[str, Any] = {"bench": "dino-cifar", "epochs": epochs, "budget": DINO_BUDGET,
                            "train_images": len(data["train"][1]),
                            "test_images": len(data["test"][1]),
-                           "raw_pixels": _raw_pixels_knn(data, cfg.img_size, classes),
+                           # The floor: the same k-NN on the flattened normalised pixels.
+                           "raw_pixels": _knn(torch.nn.Flatten(), data, cfg.img_size,
+                                              classes),
                            "random_init": _knn(random_init, data, cfg.img_size, classes,
                                                cfg.linear_probe_epochs)}
     ensure_ray()

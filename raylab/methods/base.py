@@ -154,6 +154,10 @@ class Method:
     def describe(self, cfg: Any, options: RunOptions, data: Any) -> None:
         """Print what is about to train (model, recipe) before the first run."""
 
+    def warnings(self, cfg: Any) -> list[str]:
+        """Cautions about the config, printed after :meth:`describe` (none by default)."""
+        return []
+
     def after_run(self, cfg: Any, result: RunResult) -> None:
         """Called on the driver after each run of ``train``."""
 
@@ -248,6 +252,8 @@ class Method:
         data = self.load(cfg) if data is None else data
         data = self.prepare(cfg, data, options)
         self.describe(cfg, options, data)
+        for warning in self.warnings(cfg):
+            print(warning, flush=True)
         plans = self.plan(cfg, data, tune=False)
         results = self.fit(cfg, options, data, plans, f"{storage.rstrip('/')}/{experiment}",
                            progress=self.progress(plans[0].split, show_run=len(plans) > 1))

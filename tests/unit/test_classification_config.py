@@ -46,3 +46,18 @@ def test_pad_crop_reaches_the_transform() -> None:
     kwargs = cfglib.apply_overrides(ConvNeXtConfig(), {"aug.crop": "pad", "aug.padding": 2}
                                     ).aug.transform_kwargs()
     assert kwargs["crop"] == "pad" and kwargs["padding"] == 2
+
+
+def test_classification_methods_report_the_warning() -> None:
+    """Method.warnings, printed by train after describe: ConvNeXt and the methods built
+    on it (MiniViT, reuse) inherit it; other methods have none."""
+    from raylab.methods.convnext import ConvNeXtMethod
+    from raylab.methods.minivit.method import MiniViTMethod
+    from raylab.methods.reuse.method import ReuseMethod
+    from raylab.methods.skill.method import SkillMethod
+
+    cfg = cfglib.apply_overrides(ConvNeXtConfig(), {"optim.epochs": 15, "optim.warmup_epochs": 1})
+    for method in (ConvNeXtMethod, MiniViTMethod, ReuseMethod):
+        assert method().warnings(cfg) == [cfg.short_schedule_warning()]
+    assert ConvNeXtMethod().warnings(ConvNeXtConfig()) == []
+    assert SkillMethod().warnings(None) == []

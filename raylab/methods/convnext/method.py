@@ -112,9 +112,12 @@ class ConvNeXtMethod(Method):
               f"epochs with {o.warmup_epochs} warm-up, mixup {cfg.aug.mixup:g} / cutmix "
               f"{cfg.aug.cutmix:g} / smoothing {cfg.aug.smoothing:g}, {cfg.precision}",
               flush=True)
+
+    def warnings(self, cfg: ConvNeXtConfig) -> list[str]:
+        """Heavy regularisation on a short schedule (every classification method that
+        builds on this one inherits it)."""
         warning = cfg.short_schedule_warning()
-        if warning:
-            print(warning, flush=True)
+        return [warning] if warning else []
 
     def summarise(self, cfg: ConvNeXtConfig, data: ImageData, results: list[RunResult]
                   ) -> dict[str, Any]:

@@ -121,9 +121,6 @@ class MiniViTMethod(ConvNeXtMethod):
               f"{o.effective_lr:.3g} @ global batch {o.batch_size}, wd {o.weight_decay:g}, "
               f"cosine over {o.epochs} epochs, drop-path {cfg.drop_path_rate}, {cfg.precision}",
               flush=True)
-        warning = cfg.short_schedule_warning()
-        if warning:
-            print(warning, flush=True)
 
     def summarise(self, cfg: MiniViTConfig, data: ImageData, results: list[RunResult]
                   ) -> dict[str, Any]:

@@ -106,9 +106,6 @@ class ReuseMethod(ConvNeXtMethod):
         print(f"reuse {acc['backbone']}: freeze {cfg.freeze}, adapters every "
               f"{cfg.adapters.every} dim {cfg.adapters.dim}; {acc['trainable_params']:,} of "
               f"{acc['params']:,} params train", flush=True)
-        warning = cfg.short_schedule_warning()
-        if warning:
-            print(warning, flush=True)
 
     def summarise(self, cfg: ReuseConfig, data: ImageData, results: list[RunResult]
                   ) -> dict[str, Any]:
