@@ -210,50 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace, method: str) -> tuple[Any, str]:
-    """The run options (checked) and the experiment name; the storage is resolved (and
-    created) later, by :func:`_storage`, once the config and the data are known good."""
-    from raylab.runtime.options import RunOptions, parse_cpus, parse_workers
-
-    workers, max_workers = parse_workers(args.workers)
-    joins = bool(args.address or os.environ.get("RAY_ADDRESS"))
-    cpus = parse_cpus(args.cpus_per_worker, max(workers, max_workers), joins,
-                      tuning=args.command == "tune")
-    opts = RunOptions(workers=workers, max_workers=max_workers, cpus_per_worker=cpus,
-                      gpus_per_worker=args.gpus_per_worker, storage=args.storage,
-                      name=args.name, max_failures=args.max_failures)
-    opts.validate()
-    name = opts.name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return opts, name
-
-
-def _storage(opts: Any) -> None:
-    """Resolve ``opts.storage`` (a local folder is created and checked writable)."""
-    opts.storage = opts.resolved_storage()
-
-
-def _method_config(args: argparse.Namespace) -> tuple[Any, Any]:
-    from raylab import config as cfglib
-    from raylab.registry import get_method
-
-    method = get_method(args.method)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data={json.dumps(_abs_data(args.data))}")
-    cfg = cfglib.load(method.Config, args.config, overrides)
-    # Other path keys may also take a name (MiniViT's teacher: a folder or a timm model):
-    # those are made absolute only when they name something on this machine.
-    paths = {key: _abs_data(value) for key in method.path_keys
-             if (value := getattr(cfg, key, None))
-             and (key == "data" or "://" in value or Path(value).expanduser().exists())}
-    if paths:
-        cfg = cfglib.apply_overrides(cfg, paths)
-    return method, cfg
-
-
-def _abs_data(path: str) -> str:
-    # Ray workers do not share the driver's working directory.
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The scale-out and storage flags as :func:`raylab.api.train`'s keyword arguments."""
+    return {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+            "gpus_per_worker": args.gpus_per_worker, "storage": args.storage,
+            "name": args.name, "max_failures": args.max_failures, "address": args.address,
+            "verbose": args.verbose}
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -413,58 +375,35 @@ def _clear_sample(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raylab.runtime.cluster import ensure_ray
+    from raylab import api
+    from raylab.registry import get_method
 
-    method, cfg = _method_config(args)
-    options, name = _options(args, method.name)
-    data = method.check(cfg, options)
-    _storage(options)
-    ensure_ray(args.address, verbose=args.verbose)
-    print(f"raylab train {method.name}: experiment {name} in {options.storage}", flush=True)
-    summary = method.train(cfg, options, options.storage, name, data=data)
-    method.print_summary(summary)
-    print(f"\nresults: {Path(options.storage) / name}")
+    run = api.train(args.method, data=args.data, config=args.config,
+                    overrides=args.overrides, **_run_kwargs(args))
+    get_method(run.method).print_summary(run.summary)
+    print(f"\nresults: {run.experiment}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raylab.runtime import tuner
+    from raylab import api
     from raylab.runtime.analysis import collect, format_table, write_report
-    from raylab.runtime.cluster import ensure_ray
 
     if args.resume:
-        exp = Path(args.resume).resolve()
-        tuner.load_spec(exp)  # fails early, before Ray starts, if EXP is not one
-        ensure_ray(args.address, verbose=args.verbose)
-        print(f"resuming Tune experiment {exp}", flush=True)
-        spec = tuner.resume_search(exp)
+        run = api.resume_search(args.resume, address=args.address, verbose=args.verbose)
     else:
         if not args.method:
             raise RaylabError("raylab tune: give a METHOD or --resume EXP")
-        for flag, value in (("--trials", args.trials), ("--grace-period", args.grace_period)):
-            if value < 1:
-                raise RaylabError(f"{flag}: expected an integer >= 1, got {value}")
-        from raylab.runtime.search_space import parse_space
-
-        method, cfg = _method_config(args)
-        space = parse_space(method.Config, args.space or dict(method.default_space))
-        options, name = _options(args, method.name)
-        data = method.check(cfg, options, tune=True)
-        _storage(options)
-        ensure_ray(args.address, verbose=args.verbose)
-        data = method.prepare(cfg, data, options)  # e.g. features every trial reuses
-        print(f"raylab tune {method.name}: {args.trials} trials, experiment {name} "
-              f"in {options.storage}", flush=True)
-        spec = tuner.run_search(method, cfg, options, space, args.trials,
-                                options.storage, name, grace_period=args.grace_period,
-                                max_epochs=method.max_epochs(cfg, data))
-        exp = Path(options.storage) / name
-    result = collect(exp)
+        run = api.tune_search(args.method, data=args.data, config=args.config,
+                              overrides=args.overrides, space=args.space or None,
+                              trials=args.trials, grace_period=args.grace_period,
+                              **_run_kwargs(args))
+    result = collect(run.experiment)
     out = write_report(result)
     print("\n" + format_table(result))
     _print_best(result, out)
     # An interrupted search is not a success: scripts (and `ray job submit`) must see it.
-    return 130 if spec["unfinished"] else 0
+    return 130 if run.unfinished else 0
 
 
 def _print_best(result: dict[str, Any], out: Path) -> None:

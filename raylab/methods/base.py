@@ -56,7 +56,7 @@ class RunPlan:
 
 
 @dataclass
-class RunResult:
+class PlanResult:
     """A finished run: its final metrics, checkpoint and wall time; ``run_dir`` is its
     folder when the storage is local (None for remote storage)."""
 
@@ -133,7 +133,7 @@ class Method:
         apart from the test rows, and sets ``plan.eval_rows``); read on the driver."""
         raise NotImplementedError
 
-    def summarise(self, cfg: Any, data: Any, results: list[RunResult]) -> dict[str, Any]:
+    def summarise(self, cfg: Any, data: Any, results: list[PlanResult]) -> dict[str, Any]:
         """``summary.json`` from the finished runs."""
         raise NotImplementedError
 
@@ -158,7 +158,7 @@ class Method:
         """Cautions about the config, printed after :meth:`describe` (none by default)."""
         return []
 
-    def after_run(self, cfg: Any, result: RunResult) -> None:
+    def after_run(self, cfg: Any, result: PlanResult) -> None:
         """Called on the driver after each run of ``train``."""
 
     def print_summary(self, summary: dict[str, Any]) -> None:
@@ -203,7 +203,7 @@ class Method:
     def fit(self, cfg: Any, options: RunOptions, data: Any, plans: list[RunPlan],
             storage: str, callbacks: list[Any] | None = None,
             progress: Progress | None = None, services: dict[str, str] | None = None
-            ) -> list[RunResult]:
+            ) -> list[PlanResult]:
         """Train ``plans`` in one Ray Train run (one start-up for all of them, e.g. the folds
         of a cross-validation); returns their results.
 
@@ -241,7 +241,7 @@ class Method:
         for plan in plans:
             final = dict(finals.get(plan.name) or (result.metrics if not several else {}))
             check_eval_rows(plan, final)
-            results.append(RunResult(plan, final, final.get("model"),
+            results.append(PlanResult(plan, final, final.get("model"),
                                      float(final.get("seconds", time.perf_counter() - t0)),
                                      None if run_dir is None else str(run_dir)))
         return results
@@ -249,6 +249,11 @@ class Method:
     def train(self, cfg: Any, options: RunOptions, storage: str, experiment: str,
               data: Any = None) -> dict[str, Any]:
         """Train and evaluate as the config says; returns the summary written to disk."""
+        return self.run_experiment(cfg, options, storage, experiment, data)[0]
+
+    def run_experiment(self, cfg: Any, options: RunOptions, storage: str, experiment: str,
+                       data: Any = None) -> tuple[dict[str, Any], list[PlanResult]]:
+        """:meth:`train`, also returning each run's result (its final model's folder)."""
         data = self.load(cfg) if data is None else data
         data = self.prepare(cfg, data, options)
         self.describe(cfg, options, data)
@@ -265,7 +270,7 @@ class Method:
             folder.mkdir(parents=True, exist_ok=True)
             self.write_report(cfg, summary, folder)
             save_run_record(cfg, summary, folder)
-        return summary
+        return summary, results
 
     def tune_trial(self, cfg: Any, options: RunOptions, storage: str, run_name: str,
                    callbacks: list[Any]) -> None:
@@ -288,5 +293,5 @@ def check_eval_rows(plan: RunPlan, metrics: dict[str, Any]) -> None:
             "twice between workers")
 
 
-__all__ = ["EvaluationIncomplete", "Method", "RunPlan", "RunResult", "check_eval_rows",
+__all__ = ["EvaluationIncomplete", "Method", "PlanResult", "RunPlan", "check_eval_rows",
            "save_run_record"]

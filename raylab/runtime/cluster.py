@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         # cores to the driver, the daemons and the data tasks: a detection worker stepped
         # 30 % slower at 15 than at 0 on 2 cores (BENCHMARKS.md, "Detection on CPU").
         os.environ.setdefault("RAY_worker_niceness", "0")
+        dashboard_port = _isolate_state_api()
         ray.init(
             # "local" starts a new cluster even when one started by `ray start` runs on
             # this machine (a bare ray.init() would join it, and then refuse num_cpus);
@@ -130,6 +132,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
             # wait forever for CPUs). It listens on loopback only.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
             log_to_driver=verbose,
             logging_level=logging.WARNING,
             configure_logging=True,
@@ -137,6 +140,27 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     if not verbose:
         quiet_ray_noise()  # again: ray.init set up its handlers
     quiet_ray_data()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _isolate_state_api() -> int:
+    """A dashboard port for a new local cluster, told to its processes up front.
+
+    Ray Train's placement-group cleaner (an actor) finds the State API by looking for
+    "the" Ray instance on this machine; with a second local cluster up (another raylab
+    command, a notebook) it finds two, gives up, and a Tune-stopped trial's CPUs are never
+    released: later trials wait forever. ``RAY_API_SERVER_ADDRESS`` names this cluster's
+    dashboard instead; the cluster's processes inherit it from this one, so each local
+    cluster only ever talks to itself.
+    """
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def cluster_resources() -> dict[str, float]:

@@ -97,9 +97,10 @@ def _tuner(spec: dict[str, Any], storage: str, restore: bool) -> Any:
 
 def run_search(method: Any, cfg: Any, options: RunOptions, space: list[Dimension],
                trials: int, storage: str, experiment: str, grace_period: int = 2,
-               max_epochs: int | None = None) -> dict[str, Any]:
+               max_epochs: int | None = None) -> tuple[dict[str, Any], Any]:
     """Start a search of ``method`` (a registered Method); returns the spec saved beside
-    it (see :func:`resume_search`). ``max_epochs``: the runs' length on Tune's time axis
+    it (see :func:`resume_search`, with ``unfinished``: trials still to run) and Tune's
+    ``ResultGrid``. ``max_epochs``: the runs' length on Tune's time axis
     (default ``method.max_epochs(cfg)``)."""
     if not space:
         raise ConfigError("--space: nothing to search; give at least one KEY=SPEC")
@@ -140,8 +141,9 @@ def load_spec(experiment_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable ({exc})") from None
 
 
-def resume_search(experiment_dir: str | Path) -> dict[str, Any]:
-    """Continue an interrupted search: finished trials are kept, the rest run."""
+def resume_search(experiment_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    """Continue an interrupted search: finished trials are kept, the rest run. Returns
+    what :func:`run_search` does."""
     experiment_dir = Path(experiment_dir).resolve()
     spec = load_spec(experiment_dir)
     grid = _tuner(spec, str(experiment_dir.parent), restore=True).fit()
@@ -165,7 +167,7 @@ def _done_trials(spec: dict[str, Any], grid: Any) -> int:
     return grid.num_terminated + grid.num_errors
 
 
-def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
+def _finish(spec: dict[str, Any], grid: Any) -> tuple[dict[str, Any], Any]:
     """Fail if every trial failed; say how to resume when the search was interrupted."""
     errors = [r.error for r in grid if r.error is not None]
     if errors and len(errors) == len(grid):
@@ -177,4 +179,4 @@ def _finish(spec: dict[str, Any], grid: Any) -> dict[str, Any]:
         where = f"{spec['storage'].rstrip('/')}/{spec['experiment']}"
         print(f"search interrupted with {spec['unfinished']} trial(s) to go; continue with: "
               f"raylab tune --resume {where}", flush=True)
-    return spec
+    return spec, grid

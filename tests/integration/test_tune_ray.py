@@ -18,13 +18,11 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def experiment(ray_cluster, small_jigsaws_shards, tmp_path_factory) -> Path:
-    storage = tmp_path_factory.mktemp("tune")
-    rc = main(["tune", "skill", "--data", str(small_jigsaws_shards), "--set", "optim.epochs=2",
-               "--space", "window=[30,60]", "--trials", "2", "--grace-period", "1",
-               "--storage", str(storage), "--name", "exp"])
-    assert rc == 0
-    return storage / "exp"
+def experiment(python_api_example) -> Path:
+    """The search of examples/python_api.py: `raylab tune` and `raylab.tune` are one path
+    (skill on the small sample, window in [30, 60], 2 trials of 2 epochs, grace 1)."""
+    root, _ = python_api_example
+    return root / "runs" / "skill-search"
 
 
 def test_tune_reports_every_trial(experiment: Path) -> None:
@@ -72,16 +70,30 @@ def _wait_for(predicate, timeout: float, proc) -> None:
 
 
 def test_interrupted_search_resumes_without_rerunning(ray_cluster, sample_shards,
+                                                      tiny_jigsaws_shards,
                                                       tmp_path: Path) -> None:
-    """SIGINT while the second (last) trial runs; --resume finishes it, keeps the first."""
+    """SIGINT while the second (last) trial runs; --resume finishes it, keeps the first.
+
+    The search starts its own local cluster while this process's cluster is up and a
+    `raylab train` with a third one runs beside it: three commands on one machine. Its
+    second trial can only start once Train has released the first one's CPUs, which
+    took the State API of the right cluster (it hung before, README "Several commands").
+    """
     storage, exp = tmp_path / "store", tmp_path / "store" / "exp"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     log = (tmp_path / "tune.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raylab", "tune", "skill", "--data", str(sample_shards),
          "--set", "optim.epochs=2", "--set", "step=10", "--space", "window=[30,60]",
          "--trials", "2", "--grace-period", "2", "--storage", str(storage), "--name", "exp"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
+    beside_log = (tmp_path / "beside.log").open("w")
+    beside = subprocess.Popen(
+        [sys.executable, "-m", "raylab", "train", "skill", "--data",
+         str(tiny_jigsaws_shards), "--set", "optim.epochs=1", "--set", "cv=holdout",
+         "--workers", "0", "--storage", str(tmp_path / "beside"), "--name", "b"],
+        stdout=beside_log, stderr=subprocess.STDOUT, env=env)
     runs = exp / "train_runs"
 
     def finished_runs() -> list[Path]:
@@ -114,3 +126,5 @@ def test_interrupted_search_resumes_without_rerunning(ray_cluster, sample_shards
     assert len(report["rows"]) == 2
     assert all(r["epochs"] == 2 for r in report["rows"])
     assert first.read_text() == first_text  # the finished trial was not run again
+    assert beside.wait(timeout=300) == 0, (tmp_path / "beside.log").read_text()[-2000:]
+    assert (tmp_path / "beside" / "b" / "summary.json").is_file()

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"runtime"},
     {"tasks"},
     {"methods"},
-    {"bench", "demo", "export"},
+    {"api", "bench", "demo", "export"},
     {"cli", "__main__"},
 ]
 

@@ -3,7 +3,6 @@ weights, the q/k/v and hidden-state hooks, and path keys that may be model names
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -86,16 +85,13 @@ def test_relation_tap_captures_q_k_v_and_the_last_hidden_state() -> None:
 
 
 def test_teacher_names_are_not_made_paths(tmp_path: Path, monkeypatch) -> None:
-    from raylab.cli import _method_config
+    from raylab.api import method_config
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "t").mkdir(parents=True)
-    args = argparse.Namespace(method="minivit", overrides=["teacher=deit_small_patch16_224"],
-                              data=None, config=None)
-    _, c = _method_config(args)
+    _, c = method_config("minivit", overrides=["teacher=deit_small_patch16_224"])
     assert c.teacher == "deit_small_patch16_224"
-    args.overrides = ["teacher=runs/t"]
-    _, c = _method_config(args)
+    _, c = method_config("minivit", overrides={"teacher": "runs/t"})
     assert c.teacher == str(tmp_path / "runs" / "t")
 
 

@@ -39,7 +39,7 @@ from raylab.data.clear import bucket_paths, read_stream_manifest
 from raylab.engine.checkpoint import load_meta
 from raylab.engine.keys import RUN, TEST, VAL
 from raylab.errors import ConfigError, DataError, StorageError
-from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.methods.clear.config import ClearConfig, make_strategy, row_label
 from raylab.methods.clear.task import STREAM, ClearTask
 from raylab.registry import register_method
@@ -169,7 +169,7 @@ class ClearMethod(Method):
     def fit(self, cfg: ClearConfig, options: RunOptions, data: StreamInfo,
             plans: list[RunPlan], storage: str, callbacks: list[Any] | None = None,
             progress: Any = None, services: dict[str, str] | None = None
-            ) -> list[RunResult]:
+            ) -> list[PlanResult]:
         """Start the stream actor beside the run, train, kill the actor (its state, with R,
         stays in the run folder's ``stream_state.json``)."""
         # Imports Ray: this module must import without it (`raylab clear-table` and the
@@ -197,7 +197,7 @@ class ClearMethod(Method):
         print(f"CLEAR {row_label(cfg)} on {len(data.buckets)} buckets ({cfg.protocol} "
               f"protocol), {backbone} at {data.input_size} px", flush=True)
 
-    def summarise(self, cfg: ClearConfig, data: StreamInfo, results: list[RunResult]
+    def summarise(self, cfg: ClearConfig, data: StreamInfo, results: list[PlanResult]
                   ) -> dict[str, Any]:
         result = results[0]
         stream = StreamService(Path(str(result.run_dir)) / STATE_FILE).metrics()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from raylab import config as cfglib
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
-from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.methods.convnext.config import ConvNeXtConfig
 from raylab.models import count_macs, count_params
 from raylab.registry import register_method
@@ -119,7 +119,7 @@ class ConvNeXtMethod(Method):
         warning = cfg.short_schedule_warning()
         return [warning] if warning else []
 
-    def summarise(self, cfg: ConvNeXtConfig, data: ImageData, results: list[RunResult]
+    def summarise(self, cfg: ConvNeXtConfig, data: ImageData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         result = results[0]
         m = result.metrics

@@ -23,7 +23,7 @@ import numpy as np
 from raylab import config as cfglib
 from raylab.data.shards import iter_rows
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
-from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.metrics.detection import AP_KEYS, frequency_bins
 from raylab.models.freeze import freeze_summary
 from raylab.registry import register_method
@@ -159,7 +159,7 @@ class DetectionMethod(Method):
               f"{cfg.aug.scale()}, {_copy_paste_text(cfg)}, drop-path {cfg.drop_path:g}, "
               f"{cfg.precision}", flush=True)
 
-    def summarise(self, cfg: DetectionConfig, data: DetectionData, results: list[RunResult]
+    def summarise(self, cfg: DetectionConfig, data: DetectionData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         result = results[0]
         m = result.metrics

@@ -37,7 +37,7 @@ from raylab.data.clear import is_stream
 from raylab.data.shards import iter_rows
 from raylab.engine.checkpoint import load_meta
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
-from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.methods.dino.config import DINOConfig
 from raylab.methods.dino.task import KNN_BANK, KNN_QUERY, DINOTask
 from raylab.models import count_params
@@ -144,7 +144,7 @@ class DINOMethod(Method):
               f"2 global + {cfg.n_local_crops} local crops, lr {cfg.effective_lr:.3g} for "
               f"global batch {cfg.optim.batch_size}", flush=True)
 
-    def summarise(self, cfg: DINOConfig, data: ImageData, results: list[RunResult]
+    def summarise(self, cfg: DINOConfig, data: ImageData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         result = results[0]
         m = result.metrics

@@ -24,7 +24,7 @@ from torch import nn
 from raylab import config as cfglib
 from raylab.engine.keys import RUN, metric_key
 from raylab.errors import ConfigError
-from raylab.methods.base import RunResult
+from raylab.methods.base import PlanResult
 from raylab.methods.convnext.method import ConvNeXtMethod, model_cost
 from raylab.methods.minivit.config import MiniViTConfig
 from raylab.methods.minivit.models import (
@@ -122,7 +122,7 @@ class MiniViTMethod(ConvNeXtMethod):
               f"cosine over {o.epochs} epochs, drop-path {cfg.drop_path_rate}, {cfg.precision}",
               flush=True)
 
-    def summarise(self, cfg: MiniViTConfig, data: ImageData, results: list[RunResult]
+    def summarise(self, cfg: MiniViTConfig, data: ImageData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         summary = super().summarise(cfg, data, results)
         m = results[0].metrics

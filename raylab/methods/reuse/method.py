@@ -24,7 +24,7 @@ from torch import nn
 
 from raylab import config as cfglib
 from raylab.errors import CheckpointError
-from raylab.methods.base import RunResult
+from raylab.methods.base import PlanResult
 from raylab.methods.convnext.method import ConvNeXtMethod
 from raylab.methods.reuse.config import ReuseConfig
 from raylab.methods.reuse.models import backbone_meta, build_reuse_model
@@ -107,7 +107,7 @@ class ReuseMethod(ConvNeXtMethod):
               f"{cfg.adapters.every} dim {cfg.adapters.dim}; {acc['trainable_params']:,} of "
               f"{acc['params']:,} params train", flush=True)
 
-    def summarise(self, cfg: ReuseConfig, data: ImageData, results: list[RunResult]
+    def summarise(self, cfg: ReuseConfig, data: ImageData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         summary = super().summarise(cfg, data, results)
         acc = self._cached(cfg, data)

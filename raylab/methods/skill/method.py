@@ -24,7 +24,7 @@ from raylab import config as cfglib
 from raylab.data import jigsaws
 from raylab.data.splits import validation_split
 from raylab.engine.keys import TEST, TRAIN, VAL, metric_key
-from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.methods.skill.config import CLASS_NAMES, SkillConfig
 from raylab.methods.skill.data import (
     SkillData,
@@ -116,13 +116,13 @@ class SkillMethod(Method):
               f"({len(folds_for(cfg, data.trials))} folds), window {cfg.window} step "
               f"{cfg.step}, {cfg.optim.epochs} epochs", flush=True)
 
-    def after_run(self, cfg: SkillConfig, result: RunResult) -> None:
+    def after_run(self, cfg: SkillConfig, result: PlanResult) -> None:
         r = fold_result(result)
         print(f"  fold {r['fold']:<12} window acc {r['accuracy']:.3f}  "
               f"trial acc {r['trial_correct']}/{r['trial_total']}  ({r['seconds']:.0f} s)",
               flush=True)
 
-    def summarise(self, cfg: SkillConfig, data: SkillData, results: list[RunResult]
+    def summarise(self, cfg: SkillConfig, data: SkillData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         return summarise(cfg, [fold_result(r) for r in results])
 
@@ -133,7 +133,7 @@ class SkillMethod(Method):
         print_summary(summary)
 
 
-def fold_result(result: RunResult) -> dict[str, Any]:
+def fold_result(result: PlanResult) -> dict[str, Any]:
     """One fold's figures from its final report."""
     test: list[Trial] = result.plan.data[result.plan.split]
     metrics = result.metrics

@@ -33,7 +33,7 @@ from raylab.data import segmentation
 from raylab.engine.checkpoint import load_checkpoint, load_meta
 from raylab.engine.keys import RUN, TEST, TRAIN, VAL, metric_key
 from raylab.errors import CheckpointError, ConfigError
-from raylab.methods.base import Method, RunPlan, RunResult
+from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.methods.stego.config import StegoConfig
 from raylab.methods.stego.features import (
     FeatureCache,
@@ -188,7 +188,7 @@ class StegoMethod(Method):
               f"{cfg.backbone} ({cfg.backbone_weights}) at {size} px, code dim "
               f"{cfg.code_dim}, {data.rows[cfg.train_split]} training images", flush=True)
 
-    def summarise(self, cfg: StegoConfig, data: StegoData, results: list[RunResult]
+    def summarise(self, cfg: StegoConfig, data: StegoData, results: list[PlanResult]
                   ) -> dict[str, Any]:
         result = results[0]
         m = result.metrics
