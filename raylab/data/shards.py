@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raylab.config import atomic_write_text
+from raylab.data import fs
 from raylab.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -60,12 +62,56 @@ def write_shards(tables: Iterable[pa.Table], dst: str | os.PathLike, *, format: 
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    with output_folder(Path(dst), overwrite) as tmp:
+    folder = (publishing(os.fspath(dst), overwrite) if fs.is_uri(dst)
+              else output_folder(Path(dst), overwrite))
+    with folder as tmp:
         shards, schema = _write_parts(tables, tmp, rows_per_shard, group_by)
         meta = extra(shards) if callable(extra) else extra
         manifest = _make_manifest(format, shards, schema, meta)
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+@contextmanager
+def publishing(dst: str, overwrite: bool) -> Iterator[Path]:
+    """Write a shard set into a local temporary folder, then publish it to the store at
+    the URI ``dst``, its ``manifest.json`` last.
+
+    A reader never sees half a set: every reader starts from the manifest, which is
+    absent while shards are uploaded (an old set's manifest is deleted first, with
+    ``overwrite``) and arrives in one PUT once every shard it lists is there. Shards of an
+    old set that the new one does not list are deleted before the manifest arrives. A
+    failure before the upload leaves the store as it was.
+
+    Raises:
+        DataError: ``dst`` holds files and ``overwrite`` is false; the store refused a
+            request (credentials, bucket).
+    """
+    try:
+        existing = fs.list_files(dst)
+    except OSError as exc:
+        raise DataError(f"cannot list the output location ({fs.describe(exc)})",
+                        path=dst) from None
+    if existing and not overwrite:
+        raise DataError("output location already holds files (expected a new path, or pass "
+                        "overwrite)", path=dst)
+    with tempfile.TemporaryDirectory(prefix="raylab-publish-") as tmp:
+        yield Path(tmp)
+        names = sorted(os.listdir(tmp))
+        try:
+            if MANIFEST in existing:
+                fs.delete(fs.join(dst, MANIFEST))
+            for name in names:
+                if name != MANIFEST:
+                    fs.write_bytes(fs.join(dst, name), (Path(tmp) / name).read_bytes())
+            for name in set(existing) - set(names):
+                if name.endswith(".parquet"):
+                    fs.delete(fs.join(dst, name))
+            fs.write_bytes(fs.join(dst, MANIFEST), (Path(tmp) / MANIFEST).read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot write to the store ({fs.describe(exc)}); no manifest "
+                            "was published, so readers see no shard set here", path=dst
+                            ) from None
 
 
 @contextmanager
@@ -237,26 +283,32 @@ def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) ->
             a shard is missing, unreadable, or holds another number of rows or other
             columns than listed.
     """
-    dst = Path(dst)
-    if not dst.exists():
+    dst = os.fspath(dst) if fs.is_uri(dst) else Path(dst)
+    where = fs.kind(dst) if fs.is_uri(dst) else (
+        "missing" if not dst.exists() else "dir" if dst.is_dir() else "file")
+    if where == "missing":
+        bucket = fs.missing_bucket(dst)
+        if bucket is not None:
+            raise DataError(f"no such bucket {bucket!r} (or these credentials cannot see "
+                            "it); expected an existing bucket", path=dst)
         raise DataError(f"shard folder not found ({_FOLDER_HINT})", path=dst)
-    if not dst.is_dir():
+    if where == "file":
         raise DataError(f"not a directory ({_FOLDER_HINT})", path=dst)
-    manifest = _load_manifest(dst / MANIFEST)
+    manifest = _load_manifest(fs.join(dst, MANIFEST))
     if expected_format is not None and manifest["format"] != expected_format:
         raise DataError(f"format is {manifest['format']!r}, expected {expected_format!r}",
-                        path=dst / MANIFEST)
+                        path=fs.join(dst, MANIFEST))
     for shard in manifest["shards"]:
         _check_shard(dst, shard, manifest["schema"])
     return manifest
 
 
-def _load_manifest(path: Path) -> dict[str, Any]:
-    """Load and structurally validate a manifest file."""
-    if not path.is_file():
+def _load_manifest(path: str) -> dict[str, Any]:
+    """Load and structurally validate a manifest file (local or in a store)."""
+    if not _is_file(path):
         raise DataError(f"manifest.json not found ({_FOLDER_HINT})", path=path)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON ({exc.msg}); expected a raylab shard manifest",
                         path=path, line=exc.lineno) from None
@@ -276,7 +328,22 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+def _is_file(path: str) -> bool:
+    return fs.kind(path) == "file" if fs.is_uri(path) else Path(path).is_file()
+
+
+def _read_text(path: str) -> str:
+    if fs.is_uri(path):
+        return fs.read_bytes(path).decode("utf-8")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _parquet_file(path: str) -> pq.ParquetFile:
+    """A shard's ParquetFile; in a store, read through its file system (ranged reads)."""
+    return pq.ParquetFile(fs.open_input(path) if fs.is_uri(path) else path)
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     """Check the types and consistency of the manifest's required fields."""
     if not isinstance(manifest["format"], str) or not manifest["format"]:
         raise DataError(f'"format" is {manifest["format"]!r}; expected a format name such as '
@@ -309,18 +376,18 @@ def _valid_entry(shard: Any) -> bool:
             and isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0)
 
 
-def _check_shard(dst: Path, shard: dict[str, Any], schema: dict[str, str]) -> None:
+def _check_shard(dst: str | Path, shard: dict[str, Any], schema: dict[str, str]) -> None:
     """Check that a listed shard exists and its footer matches the manifest.
 
     The footer's row count must equal the shard's ``rows`` and its columns and types the
     manifest's ``schema``, so that readers never meet a column that is not there.
     """
-    path = dst / shard["file"]
-    if not path.is_file():
+    path = fs.join(dst, shard["file"])
+    if not _is_file(path):
         raise DataError("shard listed in manifest.json is missing (expected a Parquet file)",
                         path=path)
     try:
-        with pq.ParquetFile(path) as pf:
+        with _parquet_file(path) as pf:
             rows = pf.metadata.num_rows
             found = {f.name: str(f.type) for f in pf.schema_arrow}
     except (pa.ArrowException, OSError) as exc:
@@ -338,7 +405,7 @@ def _type_text(text: str) -> str:
     return re.sub(r"<[\w.]+: ", "<", text)
 
 
-def _check_columns(path: Path, found: dict[str, str], schema: dict[str, str]) -> None:
+def _check_columns(path: str, found: dict[str, str], schema: dict[str, str]) -> None:
     """Raise a DataError naming the first difference between a shard's and the manifest's
     columns."""
     missing = [c for c in schema if c not in found]
@@ -365,8 +432,8 @@ def shard_paths(dst: str | os.PathLike) -> list[str]:
         Absolute shard file paths.
     """
     manifest = read_manifest(dst)
-    root = os.path.abspath(os.fspath(dst))
-    return [os.path.join(root, s["file"]) for s in manifest["shards"]]
+    root = os.fspath(dst) if fs.is_uri(dst) else os.path.abspath(os.fspath(dst))
+    return [fs.join(root, s["file"]) for s in manifest["shards"]]
 
 
 def iter_rows(dst: str | os.PathLike, columns: list[str] | None = None,
@@ -390,10 +457,10 @@ def iter_rows(dst: str | os.PathLike, columns: list[str] | None = None,
         unknown = [c for c in columns if c not in manifest["schema"]]
         if unknown:
             raise DataError(f"unknown column(s) {', '.join(unknown)}; expected some of "
-                            f"{', '.join(manifest['schema'])}", path=Path(dst) / MANIFEST)
+                            f"{', '.join(manifest['schema'])}", path=fs.join(dst, MANIFEST))
     for shard in manifest["shards"]:
-        path = Path(dst) / shard["file"]
-        with pq.ParquetFile(path) as pf:
+        path = fs.join(dst, shard["file"])
+        with _parquet_file(path) as pf:
             batches = pf.iter_batches(batch_size=batch_size, columns=columns)
             while True:
                 try:

@@ -1,0 +1,127 @@
+"""Local paths and object-store URIs (``s3://``, ``gs://``) behind one small interface.
+
+pyarrow's file systems do the work: a URI's file system comes from
+``pyarrow.fs.FileSystem.from_uri``, so credentials follow each store's standard chain
+(environment, profile, instance role) and an S3-compatible store (MinIO, Ceph, a local
+test server) is reached through the standard ``AWS_ENDPOINT_URL`` variable. Ray Data and
+Ray Train use the same layer, so what raylab reads here its workers read too. Nothing here
+prints or stores credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from raylab.errors import DataError
+
+#: pyarrow's messages for a store that refused the request, and what to tell the user.
+_ACCESS_HINTS = (("AccessDenied", "access denied: check the credentials "
+                  "(AWS_ACCESS_KEY_ID / AWS_PROFILE / the instance role)"),
+                 ("InvalidAccessKeyId", "the access key is not known to this store: check "
+                  "the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / the instance role)"),
+                 ("SignatureDoesNotMatch", "the secret key does not match: check the "
+                  "credentials"),
+                 ("NoSuchBucket", "no such bucket"),
+                 ("Bucket '", "no such bucket"))
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def join(root: str | os.PathLike, name: str) -> str:
+    """``root/name`` for a local folder or a URI."""
+    root = os.fspath(root)
+    return f"{root.rstrip('/')}/{name}" if is_uri(root) else os.path.join(root, name)
+
+
+def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The file system holding ``path`` and the path inside it.
+
+    Raises:
+        DataError: An unknown scheme or a URI pyarrow cannot parse.
+    """
+    path = os.fspath(path)
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot open this location ({describe(exc)}); expected a local "
+                        "path or an s3:// / gs:// URI", path=path) from None
+
+
+def describe(exc: BaseException) -> str:
+    """A store's error as one short phrase (credentials and bucket problems named)."""
+    text = " ".join(str(exc).split())
+    for needle, hint in _ACCESS_HINTS:
+        if needle in text:
+            return hint
+    return text
+
+
+def kind(path: str | os.PathLike) -> str:
+    """``"file"``, ``"dir"`` or ``"missing"``.
+
+    Raises:
+        DataError: The store refused the request (credentials, bucket, network).
+    """
+    fs, inner = resolve(path)
+    try:
+        info = fs.get_file_info(inner)
+    except OSError as exc:
+        raise DataError(f"cannot read ({describe(exc)})", path=os.fspath(path)) from None
+    if info.type == pafs.FileType.File:
+        return "file"
+    if info.type == pafs.FileType.Directory:
+        return "dir"
+    return "missing"
+
+
+def missing_bucket(path: str | os.PathLike) -> str | None:
+    """For a URI whose bucket does not exist (or these credentials cannot see), that
+    bucket's name; else None (also for local paths)."""
+    if not is_uri(path):
+        return None
+    fs, inner = resolve(path)
+    bucket = inner.split("/", 1)[0]
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError:
+        found = False
+    return None if found else bucket
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file (local or in a store)."""
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def open_input(path: str | os.PathLike) -> Any:
+    """A seekable file object (what ``pyarrow.parquet.ParquetFile`` takes)."""
+    fs, inner = resolve(path)
+    return fs.open_input_file(inner)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` as one object (a store's single PUT: all of it or nothing)."""
+    fs, inner = resolve(path)
+    with fs.open_output_stream(inner) as stream:
+        stream.write(data)
+
+
+def delete(path: str | os.PathLike) -> None:
+    fs, inner = resolve(path)
+    fs.delete_file(inner)
+
+
+def list_files(folder: str | os.PathLike) -> list[str]:
+    """Names of the files directly in ``folder`` (empty when it does not exist)."""
+    fs, inner = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
