@@ -120,6 +120,13 @@ def delete(path: str | os.PathLike) -> None:
     fs.delete_file(inner)
 
 
+def upload_tree(local: str | os.PathLike, uri: str) -> None:
+    """Copy the local folder ``local`` (recursively) to the folder at ``uri``."""
+    store, inner = resolve(uri)
+    pafs.copy_files(os.fspath(local), inner, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=store)
+
+
 def list_files(folder: str | os.PathLike) -> list[str]:
     """Names of the files directly in ``folder`` (empty when it does not exist)."""
     fs, inner = resolve(folder)

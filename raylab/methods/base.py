@@ -17,12 +17,14 @@ the rest, the same for every method:
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from raylab import config as cfglib
+from raylab.data import fs
 from raylab.engine.batching import per_worker_batch
 from raylab.engine.keys import ROWS, RUN, RUNS, TEST, VAL, metric_key
 from raylab.engine.progress import ConsoleProgress, Progress
@@ -270,6 +272,11 @@ class Method:
             folder.mkdir(parents=True, exist_ok=True)
             self.write_report(cfg, summary, folder)
             save_run_record(cfg, summary, folder)
+        else:  # remote storage: the same files, made here and uploaded beside the runs
+            with tempfile.TemporaryDirectory(prefix="raylab-report-") as tmp:
+                self.write_report(cfg, summary, Path(tmp))
+                save_run_record(cfg, summary, Path(tmp))
+                fs.upload_tree(tmp, f"{storage.rstrip('/')}/{experiment}")
         return summary, results
 
     def tune_trial(self, cfg: Any, options: RunOptions, storage: str, run_name: str,

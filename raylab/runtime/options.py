@@ -79,6 +79,7 @@ class RunOptions:
         parsed = urlparse(self.storage)
         scheme = parsed.scheme
         if scheme in REMOTE_SCHEMES:
+            check_remote_storage(self.storage)
             return self.storage
         if scheme == "file":
             if parsed.netloc not in ("", "localhost") or not parsed.path:
@@ -149,6 +150,27 @@ def check_storage(path: str | os.PathLike, need_mb: float | None = None) -> Path
         raise StorageError(f"{where}: not enough free space ({free:.0f} MiB free, need "
                            f"{need:.0f} MiB; {MIN_FREE_ENV} sets the minimum)")
     return path
+
+
+def check_remote_storage(uri: str) -> None:
+    """Check, before any worker starts, that the store at ``uri`` answers and its bucket
+    exists (Ray Train would otherwise fail with a traceback at its first write).
+
+    Raises:
+        StorageError: ``--storage URI: ...`` saying what the store answered.
+    """
+    from raylab.data import fs
+    from raylab.errors import DataError
+
+    try:
+        if fs.kind(uri) == "file":
+            raise StorageError(f"--storage {uri}: an object, expected a folder (prefix)")
+        bucket = fs.missing_bucket(uri)
+    except DataError as exc:
+        raise StorageError(f"--storage {uri}: {str(exc).split(': ', 1)[-1]}") from None
+    if bucket is not None:
+        raise StorageError(f"--storage {uri}: no such bucket {bucket!r} (or these "
+                           "credentials cannot see it); expected an existing bucket")
 
 
 def local_path(storage: str, *parts: str) -> Path | None:

@@ -108,9 +108,11 @@ def test_bad_store_locations_are_one_line(s3: str, capsys, where, expected) -> N
     assert "testing" not in err  # no credential in any message
 
 
-def test_train_reads_its_shards_from_the_store(s3: str, tmp_path: Path) -> None:
-    """`raylab train --data s3://...`: the driver's checks and Ray Data's reads both go to
-    the store (run as a user would: a command whose environment names the endpoint)."""
+def test_train_reads_and_writes_only_the_store(s3: str, tmp_path: Path) -> None:
+    """`raylab train --data s3://... --storage s3://...`: the driver's checks and Ray
+    Data's reads go to the store, and so do Ray Train's checkpoints, the final model and
+    raylab's own summary, config and report (run as a user would: a command whose
+    environment names the endpoint)."""
     import os
     import subprocess
     import sys
@@ -124,10 +126,34 @@ def test_train_reads_its_shards_from_the_store(s3: str, tmp_path: Path) -> None:
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     done = subprocess.run(
         [sys.executable, "-m", "raylab", "train", "skill", "--data", f"{s3}/jig",
-         "--set", "optim.epochs=1", "--set", "cv=holdout", "--set", "materialize_mb=0",
-         "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "from-s3"],
-        capture_output=True, text=True, env=env, timeout=300)
+         "--set", "optim.epochs=1", "--set", "cv=holdout", "--workers", "1",
+         "--storage", f"{s3}/runs", "--name", "r"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = json.loads((tmp_path / "runs" / "from-s3" / "summary.json").read_text())
-    assert 0.0 <= summary["mean_accuracy"] <= 1.0
-    assert f"data: {s3}/jig" in (tmp_path / "runs" / "from-s3" / "config.yaml").read_text()
+    assert f"results: {s3}/runs/r" in done.stdout
+    keys = _keys("runs/r/")
+    for name in ("summary.json", "config.yaml", "report.md", "holdout/model/state.pt"):
+        assert f"runs/r/{name}" in keys, keys
+    assert any(k.endswith("/state.pt") and "checkpoint_" in k for k in keys)
+    import boto3
+
+    body = boto3.client("s3").get_object(Bucket=BUCKET, Key="runs/r/summary.json")["Body"]
+    assert 0.0 <= json.loads(body.read())["mean_accuracy"] <= 1.0
+    assert not any(tmp_path.rglob("summary.json"))  # nothing went to the local disk
+
+
+@pytest.mark.parametrize("storage, endpoint, expected", [
+    ("s3://no-such-bucket/runs", None, "no such bucket 'no-such-bucket'"),
+    ("{s3}/runs", "http://127.0.0.1:{closed}", "Could not connect"),
+])
+def test_bad_storage_fails_before_ray_starts(s3: str, tiny_jigsaws_shards: Path, capsys,
+                                             monkeypatch, storage, endpoint,
+                                             expected) -> None:
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.format(closed=_free_port()))
+    where = storage.format(s3=s3)
+    assert main(["train", "skill", "--data", str(tiny_jigsaws_shards),
+                 "--storage", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raylab: error: --storage {where}: ") and expected in err, err
+    assert "testing" not in err  # no credential in any message
