@@ -4,17 +4,21 @@ Ray Train keeps only the metrics reported with a checkpoint (RAY_NOTES); this ca
 runs in the Train controller and sees every report, so the per-epoch history survives.
 Each report names its run (``run``: ``run``, a fold, a Tune trial), whose folder under the
 experiment receives it: ``<experiment>/<run>/metrics.jsonl`` and ``.../tensorboard/``.
+When the experiment is in object storage (``s3://``, ...), both are written to a local
+mirror and the run's folder is uploaded after each report (a few small files per epoch).
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import ray.train
 
+from raylab.data import fs
 from raylab.engine.loop import REPLAYED, RUN
 
 
@@ -25,6 +29,14 @@ class MetricsLogger(ray.train.UserCallback):
         self.experiment = experiment
         self.step_key = step_key
         self._writers: dict[str, Any] = {}
+        self._mirror: str | None = None  # the local copy of a remote experiment
+
+    def _local_root(self) -> Path:
+        if not fs.is_uri(self.experiment):
+            return Path(self.experiment)
+        if self._mirror is None:
+            self._mirror = tempfile.mkdtemp(prefix="raylab-metrics-")
+        return Path(self._mirror)
 
     def _tb(self, folder: Path) -> Any:
         key = str(folder)
@@ -41,7 +53,8 @@ class MetricsLogger(ray.train.UserCallback):
         row = dict(metrics[0])
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path
-        folder = Path(self.experiment) / str(row.get(RUN) or "run")
+        run = str(row.get(RUN) or "run")
+        folder = self._local_root() / run
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
@@ -51,3 +64,5 @@ class MetricsLogger(ray.train.UserCallback):
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 writer.add_scalar(key, float(value), step)
         writer.flush()
+        if fs.is_uri(self.experiment):
+            fs.upload_tree(folder, fs.join(self.experiment, run))

@@ -103,8 +103,8 @@ def fit(
     """
     all_callbacks = list(callbacks or [])
     folder = local_path(storage, name)
-    if folder is not None and options.workers > 0:
-        all_callbacks.append(MetricsLogger(str(folder.parent)))
+    if options.workers > 0:
+        all_callbacks.append(MetricsLogger(storage if folder is None else str(folder.parent)))
     run_dir = str(folder) if folder is not None else f"{storage.rstrip('/')}/{name}"
     in_process = options.workers == 0
     if in_process and folder is None:

@@ -132,9 +132,11 @@ def test_train_reads_and_writes_only_the_store(s3: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"results: {s3}/runs/r" in done.stdout
     keys = _keys("runs/r/")
-    for name in ("summary.json", "config.yaml", "report.md", "holdout/model/state.pt"):
+    for name in ("summary.json", "config.yaml", "report.md", "holdout/model/state.pt",
+                 "holdout/metrics.jsonl"):
         assert f"runs/r/{name}" in keys, keys
     assert any(k.endswith("/state.pt") and "checkpoint_" in k for k in keys)
+    assert any(k.startswith("runs/r/holdout/tensorboard/events.out.tfevents") for k in keys)
     import boto3
 
     body = boto3.client("s3").get_object(Bucket=BUCKET, Key="runs/r/summary.json")["Body"]
