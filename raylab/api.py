@@ -252,15 +252,17 @@ def tune(method: str, data: str | os.PathLike | None = None, config: ConfigLike 
 def resume_search(experiment: str | os.PathLike, *, address: str | None = None,
                   verbose: bool = False) -> TuneRun:
     """:func:`resume`, returning what is left to run as well."""
+    from raylab.data import fs
     from raylab.runtime import tuner
     from raylab.runtime.cluster import ensure_ray
 
-    folder = Path(experiment).resolve()
+    folder = (os.fspath(experiment).rstrip("/") if fs.is_uri(experiment)
+              else str(Path(experiment).resolve()))
     tuner.load_spec(folder)  # fails early, before Ray starts, if it is not one
     ensure_ray(address, verbose=verbose)
     print(f"resuming Tune experiment {folder}", flush=True)
     spec, grid = tuner.resume_search(folder)
-    return TuneRun(str(folder), grid, spec["unfinished"])
+    return TuneRun(folder, grid, spec["unfinished"])
 
 
 def resume(experiment: str | os.PathLike, *, address: str | None = None,
@@ -274,11 +276,11 @@ def analyze(experiment: str | os.PathLike) -> dict[str, Any]:
     """A search's table as data, its report and plots written under
     ``<experiment>/analysis``: ``rows`` (one per trial), ``best``, ``best_config``,
     ``metric``, ``knobs`` and ``report`` (the ``report.md`` path)."""
+    from raylab.data import fs
     from raylab.runtime.analysis import collect, write_report
 
     result = collect(experiment)
-    report = write_report(result)
-    return {**result, "report": str(report / "report.md")}
+    return {**result, "report": fs.join(write_report(result), "report.md")}
 
 
 __all__ = ["RaylabError", "RunResult", "TuneRun", "analyze", "method_config", "resume",

@@ -406,13 +406,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 130 if run.unfinished else 0
 
 
-def _print_best(result: dict[str, Any], out: Path) -> None:
+def _print_best(result: dict[str, Any], out: Path | str) -> None:
     best = result["best"]
     if best is not None:
         print(f"\nbest trial {best['trial']}: {result['metric']} = {best[result['metric']]:.4f}"
               f" with " + ", ".join(f"{k}={best[k]}" for k in result["knobs"]))
         print(f"best checkpoint: {best['checkpoint']}")
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {str(out).rstrip('/')}/report.md")
     print(f"TensorBoard: tensorboard --logdir {result['experiment']}")
 
 

@@ -38,6 +38,15 @@ def join(root: str | os.PathLike, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if is_uri(root) else os.path.join(root, name)
 
 
+def as_uri(path: str, like: str | os.PathLike) -> str:
+    """``path`` as a URI of ``like``'s store when ``like`` is a URI and ``path`` is the
+    scheme-less path Ray reports inside that store's file system; else ``path``."""
+    like = os.fspath(like)
+    if not is_uri(like) or is_uri(path):
+        return path
+    return f"{like.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The file system holding ``path`` and the path inside it.
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ray.tune import ExperimentAnalysis
 
 from raylab import config as cfglib
+from raylab.data import fs
 from raylab.errors import ConfigError
 from raylab.runtime.tuner import load_spec
 
@@ -28,7 +31,8 @@ def _best(values: list[float], mode: str) -> float:
 
 def collect(experiment_dir: str | Path) -> dict[str, Any]:
     """Per-trial rows (config knobs, best/last metric, epochs, checkpoint) and histories."""
-    experiment_dir = Path(experiment_dir).resolve()
+    experiment_dir = (os.fspath(experiment_dir) if fs.is_uri(experiment_dir)
+                      else Path(experiment_dir).resolve())
     spec = load_spec(experiment_dir)
     metric, mode = spec["metric"], spec["mode"]
     knobs = [d["key"] for d in spec["space"] if d["kind"] != "fixed"]
@@ -43,7 +47,8 @@ def collect(experiment_dir: str | Path) -> dict[str, Any]:
         df = frames.get(trial.trial_id, frames.get(trial.path))
         history = [] if df is None or df.empty else df.to_dict("records")
         values = [h.get(metric) for h in history]
-        checkpoints = [h.get("checkpoint_path") for h in history if h.get("checkpoint_path")]
+        checkpoints = [fs.as_uri(str(h["checkpoint_path"]), experiment_dir)
+                       for h in history if h.get("checkpoint_path")]
         epochs = [h.get("epoch") for h in history]
         if history:
             curves[trial.trial_id] = (epochs, values)
@@ -86,11 +91,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_report(result: dict[str, Any], out: Path | None = None) -> Path:
-    """Plots (metric vs each knob, learning curves), analysis.json and report.md."""
+def write_report(result: dict[str, Any], out: Path | None = None) -> Path | str:
+    """Plots (metric vs each knob, learning curves), analysis.json and report.md in
+    ``out`` (default ``<experiment>/analysis``, uploaded there when the experiment is in
+    object storage); returns that folder."""
     # matplotlib (raylab.plots) only when figures are drawn: its import costs seconds.
     from raylab.plots import plot_learning_curves, plot_metric_vs_knobs
 
+    if out is None and fs.is_uri(result["experiment"]):
+        remote = fs.join(result["experiment"], "analysis")
+        with tempfile.TemporaryDirectory(prefix="raylab-analysis-") as tmp:
+            write_report(result, Path(tmp))
+            fs.upload_tree(tmp, remote)
+        return remote
     out = Path(out or Path(result["experiment"]) / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     metric, knobs = result["metric"], result["knobs"]

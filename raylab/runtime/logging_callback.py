@@ -52,7 +52,7 @@ class MetricsLogger(ray.train.UserCallback):
             return  # nothing new: the final metrics of a restored, finished run
         row = dict(metrics[0])
         if checkpoint is not None:
-            row["checkpoint_path"] = checkpoint.path
+            row["checkpoint_path"] = fs.as_uri(checkpoint.path, self.experiment)
         run = str(row.get(RUN) or "run")
         folder = self._local_root() / run
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ to ``Tuner`` directly). Everything needed to rebuild that function is saved as
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raylab import config as cfglib
-from raylab.errors import ConfigError, RaylabError
+from raylab.data import fs
+from raylab.errors import ConfigError, DataError, RaylabError
 from raylab.registry import get_method
 from raylab.runtime.cluster import check_request, cluster_resources, quiet_ray_data
 from raylab.runtime.options import RunOptions, local_path
@@ -127,26 +129,39 @@ def run_search(method: Any, cfg: Any, options: RunOptions, space: list[Dimension
     folder = local_path(storage, experiment)
     if folder is not None:
         cfglib.atomic_write_text(folder / SPEC_FILE, json.dumps(spec, indent=2))
+    else:  # one PUT: the object is whole or absent
+        fs.write_bytes(f"{storage.rstrip('/')}/{experiment}/{SPEC_FILE}",
+                       json.dumps(spec, indent=2).encode())
     grid = _tuner(spec, storage, restore=False).fit()
     return _finish(spec, grid)
 
 
 def load_spec(experiment_dir: str | Path) -> dict[str, Any]:
-    path = Path(experiment_dir) / SPEC_FILE
-    if not path.is_file():
+    """``raylab_tune.json`` of an experiment folder (local or in object storage)."""
+    path = fs.join(experiment_dir, SPEC_FILE)
+    try:
+        found = fs.kind(path) == "file"
+    except DataError as exc:
+        raise ConfigError(f"{experiment_dir}: {str(exc).split(': ', 1)[-1]}") from None
+    if not found:
         raise ConfigError(f"{experiment_dir}: not a raylab tune experiment (no {SPEC_FILE})")
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
+        return json.loads(fs.read_bytes(path))
+    except (ValueError, OSError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc})") from None
 
 
 def resume_search(experiment_dir: str | Path) -> tuple[dict[str, Any], Any]:
     """Continue an interrupted search: finished trials are kept, the rest run. Returns
     what :func:`run_search` does."""
-    experiment_dir = Path(experiment_dir).resolve()
+    if fs.is_uri(experiment_dir):
+        experiment_dir = os.fspath(experiment_dir).rstrip("/")
+        parent = experiment_dir.rsplit("/", 1)[0]
+    else:
+        experiment_dir = Path(experiment_dir).resolve()
+        parent = str(experiment_dir.parent)
     spec = load_spec(experiment_dir)
-    grid = _tuner(spec, str(experiment_dir.parent), restore=True).fit()
+    grid = _tuner(spec, parent, restore=True).fit()
     return _finish(spec, grid)
 
 
@@ -154,17 +169,15 @@ def _done_trials(spec: dict[str, Any], grid: Any) -> int:
     """Trials that finished (or failed) for good.
 
     The in-memory grid of an interrupted search counts the trial that was running at
-    SIGINT as terminated; the experiment state Tune saves for ``--resume`` has it as
-    pending, so that state decides when it is on local storage.
+    SIGINT as terminated; the experiment state Tune saves for ``--resume`` (local or in
+    object storage) has it as pending, so that state decides.
     """
-    folder = local_path(spec["storage"], spec["experiment"])
-    if folder is not None:
-        try:
-            trials = tune.ExperimentAnalysis(str(folder)).trials
-            return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        except Exception:  # noqa: BLE001 - unreadable state: fall back to the grid
-            pass
-    return grid.num_terminated + grid.num_errors
+    try:
+        where = f"{spec['storage'].rstrip('/')}/{spec['experiment']}"
+        trials = tune.ExperimentAnalysis(where).trials
+        return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    except Exception:  # noqa: BLE001 - unreadable state: fall back to the grid
+        return grid.num_terminated + grid.num_errors
 
 
 def _finish(spec: dict[str, Any], grid: Any) -> tuple[dict[str, Any], Any]:
