@@ -113,38 +113,6 @@ def test_bad_store_locations_are_one_line(s3: str, capsys, where, expected) -> N
     assert "testing" not in err  # no credential in any message
 
 
-def test_train_reads_and_writes_only_the_store(s3: str, tmp_path: Path) -> None:
-    """`raylab train --data s3://... --storage s3://...`: the driver's checks and Ray
-    Data's reads go to the store, and so do Ray Train's checkpoints, the final model and
-    raylab's own summary, config and report (run as a user would: a command whose
-    environment names the endpoint)."""
-    from raylab.data.jigsaws import write_sample
-
-    raw = write_sample(tmp_path / "raw", tasks=("Suturing",), subjects="BD", trials=(1, 2),
-                       frames=(100, 120))
-    assert main(["data", "convert", "jigsaws", str(raw), f"{s3}/jig"]) == 0
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    done = subprocess.run(
-        [sys.executable, "-m", "raylab", "train", "skill", "--data", f"{s3}/jig",
-         "--set", "optim.epochs=1", "--set", "cv=holdout", "--workers", "1",
-         "--storage", f"{s3}/runs", "--name", "r"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"results: {s3}/runs/r" in done.stdout
-    keys = _keys("runs/r/")
-    for name in ("summary.json", "config.yaml", "report.md", "holdout/model/state.pt",
-                 "holdout/metrics.jsonl"):
-        assert f"runs/r/{name}" in keys, keys
-    assert any(k.endswith("/state.pt") and "checkpoint_" in k for k in keys)
-    assert any(k.startswith("runs/r/holdout/tensorboard/events.out.tfevents") for k in keys)
-    import boto3
-
-    body = boto3.client("s3").get_object(Bucket=BUCKET, Key="runs/r/summary.json")["Body"]
-    assert 0.0 <= json.loads(body.read())["mean_accuracy"] <= 1.0
-    assert not any(tmp_path.rglob("summary.json"))  # nothing went to the local disk
-
-
 @pytest.mark.parametrize("storage, endpoint, expected", [
     ("s3://no-such-bucket/runs", None, "no such bucket 'no-such-bucket'"),
     ("{s3}/runs", "http://127.0.0.1:{closed}", "Could not connect"),
@@ -180,16 +148,23 @@ def _text(key: str) -> str:
 
 
 def test_interrupted_search_in_the_store_resumes_without_rerunning(
-        s3: str, sample_shards: Path, tiny_jigsaws_shards: Path, tmp_path: Path) -> None:
+        s3: str, sample_shards: Path, tmp_path: Path) -> None:
     """`raylab tune --storage s3://...`, SIGINT while the second (last) trial runs, then
     `raylab tune --resume s3://...` finishes it and keeps the first, and `raylab analyze
     s3://...` reports both: every file in the bucket.
 
-    A `raylab train` runs beside the search, each command with its own local cluster:
-    two commands on one machine. The search's second trial can only start once Train has
-    released the first one's CPUs, which takes the State API of the right cluster (it
-    hung before, README "Several commands on one machine").
+    Beside it runs `raylab train --data s3://... --storage s3://...`, whose driver checks,
+    Ray Data reads, checkpoints, final model, metrics and report all use the bucket:
+    two commands on one machine, each with its own local cluster. The search's second
+    trial can only start once Train has released the first one's CPUs, which takes the
+    State API of the right cluster (it hung before, README "Several commands on one
+    machine").
     """
+    from raylab.data.jigsaws import write_sample
+
+    raw = write_sample(tmp_path / "raw", tasks=("Suturing",), subjects="BD", trials=(1, 2),
+                       frames=(100, 120))
+    assert main(["data", "convert", "jigsaws", str(raw), f"{s3}/jig"]) == 0
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     log = (tmp_path / "tune.log").open("w")
@@ -200,10 +175,10 @@ def test_interrupted_search_in_the_store_resumes_without_rerunning(
          "exp"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     beside_log = (tmp_path / "beside.log").open("w")
     beside = subprocess.Popen(
-        [sys.executable, "-m", "raylab", "train", "skill", "--data",
-         str(tiny_jigsaws_shards), "--set", "optim.epochs=1", "--set", "cv=holdout",
-         "--workers", "0", "--storage", str(tmp_path / "beside"), "--name", "b"],
-        stdout=beside_log, stderr=subprocess.STDOUT, env=env)
+        [sys.executable, "-m", "raylab", "train", "skill", "--data", f"{s3}/jig",
+         "--set", "optim.epochs=1", "--set", "cv=holdout", "--workers", "1",
+         "--storage", f"{s3}/runs", "--name", "r"],
+        stdout=beside_log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     runs = "store/exp/train_runs/"
 
     def histories() -> dict[str, str]:
@@ -250,4 +225,12 @@ def test_interrupted_search_in_the_store_resumes_without_rerunning(
     assert "store/exp/analysis/report.md" in _keys("store/exp/analysis/")
     assert not list(tmp_path.rglob("raylab_tune.json"))  # nothing went to the local disk
     assert beside.wait(timeout=300) == 0, (tmp_path / "beside.log").read_text()[-2000:]
-    assert (tmp_path / "beside" / "b" / "summary.json").is_file()
+    assert f"results: {s3}/runs/r" in (tmp_path / "beside.log").read_text()
+    keys = _keys("runs/r/")
+    for name in ("summary.json", "config.yaml", "report.md", "holdout/model/state.pt",
+                 "holdout/metrics.jsonl"):
+        assert f"runs/r/{name}" in keys, keys
+    assert any(k.endswith("/state.pt") and "checkpoint_" in k for k in keys)
+    assert any(k.startswith("runs/r/holdout/tensorboard/events.out.tfevents") for k in keys)
+    assert 0.0 <= json.loads(_text("runs/r/summary.json"))["mean_accuracy"] <= 1.0
+    assert not list(tmp_path.rglob("summary.json"))  # nothing went to the local disk
