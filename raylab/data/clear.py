@@ -50,6 +50,7 @@ from raylab.data.shards import (
     SCHEMA_VERSION,
     output_folder,
     read_manifest,
+    refuse_store,
     sample_folder,
     shard_paths,
     write_shards,
@@ -309,6 +310,7 @@ def convert_clear(src: str | os.PathLike, dst: str | os.PathLike, *,
             buckets, bad files (without ``skip_bad``), or an existing ``dst``.
         ConfigError: ``classes`` or ``buckets`` is empty or malformed.
     """
+    refuse_store(Path(dst))  # before scanning a large source
     src, dst = Path(src), Path(dst)
     bad: list[dict[str, str]] = []
     names, plan = _scan(src, classes, buckets, bad)

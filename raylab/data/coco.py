@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from raylab.config import atomic_write_text
+from raylab.data import fs
 from raylab.data.shards import MANIFEST, iter_rows, read_manifest, write_shards
 from raylab.errors import DataError
 
@@ -502,7 +503,7 @@ def coco_manifest(dst: str | os.PathLike) -> dict[str, Any]:
             isinstance(c, dict) and _is_int(c.get("id")) and isinstance(c.get("name"), str)
             for c in categories)):
         raise DataError('expected "extra.categories" to be a list of {"id", "name", '
-                        '"supercategory"}', path=Path(dst) / MANIFEST)
+                        '"supercategory"}', path=fs.join(dst, MANIFEST))
     return manifest
 
 

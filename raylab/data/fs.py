@@ -28,8 +28,19 @@ _ACCESS_HINTS = (("AccessDenied", "access denied: check the credentials "
                  ("Bucket '", "no such bucket"))
 
 
+#: Schemes of the object stores pyarrow reaches (what Ray Train's storage takes too).
+STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
+
+
 def is_uri(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
+
+
+def was_uri(path: str | os.PathLike) -> bool:
+    """A store URI that went through ``Path`` (``s3://b/x`` becomes ``s3:/b/x``): a writer
+    that only writes local folders must refuse it, not create a folder named ``s3:``."""
+    text = os.fspath(path)
+    return is_uri(text) or any(text.startswith(f"{scheme}:/") for scheme in STORE_SCHEMES)
 
 
 def join(root: str | os.PathLike, name: str) -> str:

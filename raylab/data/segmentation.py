@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from raylab.data import fs
 from raylab.data.imagefolder import _visible_dirs, _visible_files
 from raylab.data.shards import MANIFEST, read_manifest, sample_folder, write_shards
 from raylab.errors import ConfigError, DataError
@@ -580,7 +581,7 @@ def segmentation_manifest(dst: str | os.PathLike) -> dict[str, Any]:
             or not all(isinstance(v, list) and set(v) <= files for v in split_shards.values())):
         raise DataError('expected "extra" to hold "class_names" (a list of names) and '
                         '"split_shards" ({split: [shard files listed in "shards"]})',
-                        path=Path(dst) / MANIFEST)
+                        path=fs.join(dst, MANIFEST))
     return manifest
 
 

@@ -123,6 +123,7 @@ def output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
     Raises:
         DataError: ``dst`` exists and ``overwrite`` is false.
     """
+    refuse_store(dst)
     if dst.exists() and not overwrite:
         raise DataError("output folder already exists (expected a new path, or pass "
                         "overwrite)", path=dst)
@@ -133,6 +134,17 @@ def output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_store(dst: Path) -> None:
+    """Writers of local folder trees (a CLEAR stream, a sample, cached features) do not
+    write to object storage: say so instead of creating a local folder named ``s3:``."""
+    if fs.was_uri(dst):
+        raise DataError("this output is written to a local folder only (shard sets of data "
+                        "convert jigsaws, imagefolder, coco and segmentation can go to "
+                        "s3:// / gs://); expected a local path, then copy it to the store",
+                        path=str(dst).replace(":/", "://", 1) if "://" not in str(dst)
+                        else str(dst))
 
 
 def _make_temporary_sibling(dst: Path) -> Path:
@@ -248,6 +260,7 @@ def sample_folder(dst: Path, marker: str, what: str) -> Iterator[Path]:
     ``marker``), so that a user's real data is never replaced. On an error the temporary
     folder is removed and ``dst`` is left as it was.
     """
+    refuse_store(dst)
     if dst.exists():
         readme = dst / "README.txt"
         is_sample = readme.is_file() and readme.read_text(errors="replace").startswith(marker)

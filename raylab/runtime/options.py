@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from raylab.data.fs import STORE_SCHEMES
 from raylab.errors import ConfigError, StorageError
 
 # Schemes pyarrow's filesystem layer (which Ray Train uses for storage) understands.
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
+REMOTE_SCHEMES = STORE_SCHEMES
 #: Free space a local --storage needs before a run starts; RAYLAB_MIN_FREE_MB overrides.
 DEFAULT_MIN_FREE_MB = 100.0
 MIN_FREE_ENV = "RAYLAB_MIN_FREE_MB"

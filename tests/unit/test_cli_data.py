@@ -133,3 +133,18 @@ def test_clear_cli_errors(tmp_path: Path, capsys) -> None:
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     _one_error_line(capsys, "shard folder not found")
     assert not Path(dst).exists()
+
+
+def test_local_only_writers_refuse_a_store_uri(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A CLEAR stream and the samples are local folder trees: given s3://, one line
+    saying so, and no local folder named `s3:` (what Path would have made of the URI)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    for argv in (["data", "convert", "clear", "src", "s3://bucket/stream"],
+                 ["data", "sample", "images", "s3://bucket/sample"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"raylab: error: {argv[-1]}: this output is written to a "
+                              "local folder only"), err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

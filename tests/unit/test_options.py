@@ -64,9 +64,14 @@ def test_file_uri_with_host_is_refused(storage: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/x", "gs://bucket/runs/exp"])
-def test_remote_uri_passes_through_untouched(uri: str) -> None:
+def test_remote_uri_passes_through_untouched(uri: str, monkeypatch) -> None:
+    from raylab.runtime import options
+
+    asked = []  # the store itself is asked (test_object_storage.py); here: that it is
+    monkeypatch.setattr(options, "check_remote_storage", asked.append)
     opts = RunOptions(storage=uri)
     assert opts.resolved_storage() == uri
+    assert asked == [uri]
     assert opts.is_remote
     assert local_path(uri, "exp") is None
 

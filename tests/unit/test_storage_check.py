@@ -158,6 +158,7 @@ def test_remote_storage_is_not_probed(uri: str, monkeypatch: pytest.MonkeyPatch)
         raise AssertionError("remote storage must not be probed locally")
 
     monkeypatch.setattr(options, "check_storage", probe)
+    monkeypatch.setattr(options, "check_remote_storage", lambda uri: None)  # asks the store
     assert RunOptions(storage=uri).resolved_storage() == uri
 
 
