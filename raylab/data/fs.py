@@ -18,8 +18,9 @@ import pyarrow.fs as pafs
 from raylab.errors import DataError
 
 #: pyarrow's messages for a store that refused the request, and what to tell the user.
-_ACCESS_HINTS = (("AccessDenied", "access denied: check the credentials "
-                  "(AWS_ACCESS_KEY_ID / AWS_PROFILE / the instance role)"),
+_DENIED = ("access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / the "
+           "instance role) and their rights on this bucket")
+_ACCESS_HINTS = (("AccessDenied", _DENIED), ("ACCESS_DENIED", _DENIED),
                  ("InvalidAccessKeyId", "the access key is not known to this store: check "
                   "the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / the instance role)"),
                  ("SignatureDoesNotMatch", "the secret key does not match: check the "

@@ -234,3 +234,48 @@ def test_interrupted_search_in_the_store_resumes_without_rerunning(
     assert any(k.startswith("runs/r/holdout/tensorboard/events.out.tfevents") for k in keys)
     assert 0.0 <= json.loads(_text("runs/r/summary.json"))["mean_accuracy"] <= 1.0
     assert not list(tmp_path.rglob("summary.json"))  # nothing went to the local disk
+
+
+def test_wrong_credentials_are_one_line_without_the_key(tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    """A store that checks credentials (moto's server with its IAM auth on, in its own
+    process) refuses a made-up key: one line naming the location and the credentials,
+    never the key itself, for --data and for --storage, before Ray starts."""
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the moto server did not start"
+                time.sleep(0.2)
+        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                           "AWS_ACCESS_KEY_ID": "AKIAMADEUPKEY", "AWS_SECRET_ACCESS_KEY":
+                           "made-up-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        assert main(["data", "inspect", "s3://locked/shards"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("raylab: error: s3://locked/shards: ") and \
+            "access denied: check the credentials" in err and err.count("\n") == 1, err
+        assert "made-up-secret" not in err and "AKIAMADEUPKEY" not in err
+        # train checks its (local) data first, then the storage, before Ray starts
+        from raylab.data.jigsaws import convert_jigsaws, write_sample
+
+        raw = write_sample(tmp_path / "raw", tasks=("Suturing",), subjects="BD",
+                           trials=(1, 2), frames=(100, 120))
+        convert_jigsaws(raw, tmp_path / "shards")
+        assert main(["train", "skill", "--data", str(tmp_path / "shards"), "--storage",
+                     "s3://locked/runs"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("raylab: error: --storage s3://locked/runs: ") and \
+            "access denied: check the credentials" in err, err
+        assert "made-up-secret" not in err and "AKIAMADEUPKEY" not in err
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
