@@ -111,10 +111,10 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def python_api_example(ray_cluster, small_jigsaws_shards, tmp_path_factory):
     """``examples/python_api.py`` run once: a 3-fold skill run in-process, then a 2-trial
-    search over the window (2 epochs, ASHA grace 1) on the shared cluster. Its search is
+    search over the window (1 epoch each) on the shared cluster. Its search is
     also the experiment the Tune, analyze and resume tests read (one search for both)."""
     import runpy
 
     main = runpy.run_path(str(REPO / "examples" / "python_api.py"))["main"]
     out = tmp_path_factory.mktemp("python_api")
-    return out, main(out, data=small_jigsaws_shards, epochs=2, trials=2, workers=0)
+    return out, main(out, data=small_jigsaws_shards, epochs=1, trials=2, workers=0)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def experiment(python_api_example) -> Path:
     """The search of examples/python_api.py: `raylab tune` and `raylab.tune` are one path
-    (skill on the small sample, window in [30, 60], 2 trials of 2 epochs, grace 1)."""
+    (skill on the small sample, window in [30, 60], 2 trials of 1 epoch)."""
     root, _ = python_api_example
     return root / "runs" / "skill-search"
 
