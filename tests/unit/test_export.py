@@ -13,7 +13,7 @@ import torch
 
 from raylab import config as cfglib
 from raylab.cli import main
-from raylab.engine.checkpoint import save_checkpoint
+from raylab.engine.checkpoint import load_checkpoint, save_checkpoint
 from raylab.errors import CheckpointError, ConfigError
 from raylab.export import export_multitask, load_multitask, tensor_key
 from raylab.methods.reuse import ReuseConfig, ReuseMethod
@@ -92,3 +92,60 @@ def test_cli_prints_the_saving_and_refuses_bad_input(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "z").exists()
     with pytest.raises(CheckpointError, match="no task 'c'"):
         load_multitask(out, ["c"])
+
+
+def _detector(folder: Path, categories: int, seed: int) -> torch.nn.Module:
+    """A finished frozen-backbone detection run's model folder: the same ResNet-10-T body
+    as the reuse tasks (loaded from the same backbone checkpoint, frozen with its norms),
+    and a trained FPN and heads."""
+    from raylab.methods.detection.method import checkpoint_meta
+    from raylab.tasks.detection.config import DetectionConfig
+    from raylab.tasks.detection.task import build_model
+
+    cfg = cfglib.apply_overrides(DetectionConfig(), {
+        "backbone": "cnn", "model": "resnet10t", "image_size": 64, "channels": 32,
+        "backbone_checkpoint": str(scenarios.reuse_backbone()),
+        "freeze": "backbone+norms"})
+    model = build_model(cfg, categories + 1)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    data = type("Data", (), {"categories": [{"id": i + 1, "name": f"c{i}"}
+                                            for i in range(categories)]})()
+    save_checkpoint(folder, model=model, meta=checkpoint_meta(cfg, data))
+    return model.eval()
+
+
+def test_a_detector_and_a_classifier_share_the_frozen_backbone(tmp_path: Path) -> None:
+    classifier = _task(tmp_path / "cls", list("xyz"), 1)
+    detector = _detector(tmp_path / "det", 2, 3)
+    report = export_multitask({"cls": tmp_path / "cls", "det": tmp_path / "det"},
+                              tmp_path / "bundle")
+    # The backbone checkpoint's body tensors (every weight and BatchNorm statistic of the
+    # ResNet-10-T but its classifier layer; frozen BatchNorm keeps no batch counter) are
+    # what the two tasks share.
+    backbone = load_checkpoint(scenarios.reuse_backbone())["model"]
+    body = {tensor_key(t) for n, t in backbone.items()
+            if not n.startswith("fc.") and not n.endswith("num_batches_tracked")}
+    shared_keys = {tensor_key(t) for t in classifier.state_dict().values()} & {
+        tensor_key(t) for t in detector.state_dict().values()}
+    assert shared_keys == body
+    assert report["saved_bytes"] > 0
+    assert report["saved_bytes"] == report["separate_bytes"] - report["bundle_bytes"]
+
+    models = load_multitask(tmp_path / "bundle")
+    loaded = models["det"].eval()
+    for name, t in detector.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        want, got = detector(images), loaded(images)
+    assert len(want) == len(got) == 1
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert torch.equal(want[0][key], got[0][key]), key
+    # One tensor in memory for both tasks: the stem conv of the classifier is the body's.
+    stem = models["cls"].conv1[0].weight
+    det_tensors = {t.data_ptr() for t in models["det"].state_dict().values()}
+    assert stem.data_ptr() in det_tensors
