@@ -35,6 +35,8 @@ class DataError(RaylabError):
                 where += f":{line}"
             where += ": "
         super().__init__(where + message)
+        #: The message without its location, for a caller that names the place its own way.
+        self.reason = message
         self.path = None if path is None else os.fspath(path)
         self.line = line
 

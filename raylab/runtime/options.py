@@ -168,7 +168,7 @@ def check_remote_storage(uri: str) -> None:
             raise StorageError(f"--storage {uri}: an object, expected a folder (prefix)")
         bucket = fs.missing_bucket(uri)
     except DataError as exc:
-        raise StorageError(f"--storage {uri}: {str(exc).split(': ', 1)[-1]}") from None
+        raise StorageError(f"--storage {uri}: {exc.reason}") from None
     if bucket is not None:
         raise StorageError(f"--storage {uri}: no such bucket {bucket!r} (or these "
                            "credentials cannot see it); expected an existing bucket")

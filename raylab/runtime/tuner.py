@@ -142,7 +142,7 @@ def load_spec(experiment_dir: str | Path) -> dict[str, Any]:
     try:
         found = fs.kind(path) == "file"
     except DataError as exc:
-        raise ConfigError(f"{experiment_dir}: {str(exc).split(': ', 1)[-1]}") from None
+        raise ConfigError(f"{experiment_dir}: {exc.reason}") from None
     if not found:
         raise ConfigError(f"{experiment_dir}: not a raylab tune experiment (no {SPEC_FILE})")
     try:
