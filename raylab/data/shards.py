@@ -97,17 +97,18 @@ def publishing(dst: str, overwrite: bool) -> Iterator[Path]:
                         "overwrite)", path=dst)
     with tempfile.TemporaryDirectory(prefix="raylab-publish-") as tmp:
         yield Path(tmp)
-        names = sorted(os.listdir(tmp))
+        manifest = Path(tmp) / MANIFEST
+        text = manifest.read_bytes()
+        manifest.unlink()  # uploaded last, on its own
+        names = set(os.listdir(tmp))
         try:
             if MANIFEST in existing:
                 fs.delete(fs.join(dst, MANIFEST))
-            for name in names:
-                if name != MANIFEST:
-                    fs.write_bytes(fs.join(dst, name), (Path(tmp) / name).read_bytes())
-            for name in set(existing) - set(names):
+            fs.upload_tree(tmp, dst)
+            for name in set(existing) - names:
                 if name.endswith(".parquet"):
                     fs.delete(fs.join(dst, name))
-            fs.write_bytes(fs.join(dst, MANIFEST), (Path(tmp) / MANIFEST).read_bytes())
+            fs.write_bytes(fs.join(dst, MANIFEST), text)
         except OSError as exc:
             raise DataError(f"cannot write to the store ({fs.describe(exc)}); no manifest "
                             "was published, so readers see no shard set here", path=dst
@@ -143,8 +144,7 @@ def refuse_store(dst: Path) -> None:
         raise DataError("this output is written to a local folder only (shard sets of data "
                         "convert jigsaws, imagefolder, coco and segmentation can go to "
                         "s3:// / gs://); expected a local path, then copy it to the store",
-                        path=str(dst).replace(":/", "://", 1) if "://" not in str(dst)
-                        else str(dst))
+                        path=str(dst).replace(":/", "://", 1))  # Path made s3:// s3:/
 
 
 def _make_temporary_sibling(dst: Path) -> Path:
@@ -296,9 +296,8 @@ def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) ->
             a shard is missing, unreadable, or holds another number of rows or other
             columns than listed.
     """
-    dst = os.fspath(dst) if fs.is_uri(dst) else Path(dst)
-    where = fs.kind(dst) if fs.is_uri(dst) else (
-        "missing" if not dst.exists() else "dir" if dst.is_dir() else "file")
+    dst = os.fspath(dst)
+    where = fs.kind(dst)
     if where == "missing":
         bucket = fs.missing_bucket(dst)
         if bucket is not None:
@@ -318,10 +317,10 @@ def read_manifest(dst: str | os.PathLike, expected_format: str | None = None) ->
 
 def _load_manifest(path: str) -> dict[str, Any]:
     """Load and structurally validate a manifest file (local or in a store)."""
-    if not _is_file(path):
+    if fs.kind(path) != "file":
         raise DataError(f"manifest.json not found ({_FOLDER_HINT})", path=path)
     try:
-        manifest = json.loads(_read_text(path))
+        manifest = json.loads(fs.read_bytes(path).decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON ({exc.msg}); expected a raylab shard manifest",
                         path=path, line=exc.lineno) from None
@@ -341,19 +340,12 @@ def _load_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
-def _is_file(path: str) -> bool:
-    return fs.kind(path) == "file" if fs.is_uri(path) else Path(path).is_file()
-
-
-def _read_text(path: str) -> str:
-    if fs.is_uri(path):
-        return fs.read_bytes(path).decode("utf-8")
-    return Path(path).read_text(encoding="utf-8")
-
-
-def _parquet_file(path: str) -> pq.ParquetFile:
-    """A shard's ParquetFile; in a store, read through its file system (ranged reads)."""
-    return pq.ParquetFile(fs.open_input(path) if fs.is_uri(path) else path)
+@contextmanager
+def _parquet_file(path: str) -> Iterator[pq.ParquetFile]:
+    """A shard's ParquetFile, read through its file system (ranged reads in a store);
+    the file is closed on leaving (ParquetFile leaves a file it was given open)."""
+    with fs.open_input(path) as source, pq.ParquetFile(source) as pf:
+        yield pf
 
 
 def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
@@ -396,14 +388,14 @@ def _check_shard(dst: str | Path, shard: dict[str, Any], schema: dict[str, str])
     manifest's ``schema``, so that readers never meet a column that is not there.
     """
     path = fs.join(dst, shard["file"])
-    if not _is_file(path):
-        raise DataError("shard listed in manifest.json is missing (expected a Parquet file)",
-                        path=path)
-    try:
+    try:  # one request per shard; what went wrong is asked only when it failed
         with _parquet_file(path) as pf:
             rows = pf.metadata.num_rows
             found = {f.name: str(f.type) for f in pf.schema_arrow}
     except (pa.ArrowException, OSError) as exc:
+        if fs.kind(path) != "file":
+            raise DataError("shard listed in manifest.json is missing (expected a Parquet "
+                            "file)", path=path) from None
         message = " ".join(str(exc).split())
         raise DataError(f"unreadable Parquet footer ({message}); expected a complete Parquet "
                         "file", path=path) from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from raylab.cli import main
+from raylab.errors import DataError
 
 BUCKET = "raylab-test"
 
@@ -91,6 +92,18 @@ def test_convert_publishes_the_manifest_last_and_inspect_reads_it(
     assert main(["data", "convert", "jigsaws", str(raw), f"{s3}/jig", "--overwrite"]) == 0
     assert "jig/part-09999.parquet" not in _keys("jig/")
     assert read_manifest(f"{s3}/jig")["rows"] == local["rows"]
+
+    # A listed shard that is gone, then one that is damaged: each named, in one line.
+    first = f"jig/{manifest['shards'][0]['file']}"
+    client = boto3.client("s3")
+    body = client.get_object(Bucket=BUCKET, Key=first)["Body"].read()
+    client.delete_object(Bucket=BUCKET, Key=first)
+    with pytest.raises(DataError, match=r"part-00000.parquet: shard listed in manifest.json "
+                                        r"is missing"):
+        read_manifest(f"{s3}/jig")
+    client.put_object(Bucket=BUCKET, Key=first, Body=body[: len(body) // 2])
+    with pytest.raises(DataError, match=r"part-00000.parquet: unreadable Parquet footer"):
+        read_manifest(f"{s3}/jig")
 
 
 def test_a_failed_convert_publishes_nothing(s3: str, tmp_path: Path, capsys) -> None:
