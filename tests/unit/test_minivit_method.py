@@ -15,8 +15,10 @@ from raylab.methods.minivit.config import MiniViTConfig
 from raylab.methods.minivit.models import (
     RelationTap,
     build_student,
+    relation_shapes,
     timm_teacher,
     token_count,
+    uses_relations,
 )
 
 
@@ -136,3 +138,71 @@ def test_a_multiplexed_run_serves_as_teacher(tmp_path: Path) -> None:
     assert "minivit run" in what
     with pytest.raises(CheckpointError, match="trained on classes"):
         load_teacher(cfg(teacher=str(tmp_path / "t")), ["a", "b"])
+
+
+def _swin(img_size: int, window: int, dim: int = 24) -> torch.nn.Module:
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3,
+                             img_size=img_size, window_size=window, embed_dim=dim,
+                             depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2)).eval()
+
+
+def test_relation_tap_of_a_swin_takes_the_last_stage_windows() -> None:
+    # 128 px, patch 4: 32 x 32 tokens, halved three times: the last stage has 4 x 4
+    # tokens in windows of 2 x 2, so 4 windows of 4 tokens per image, 8 for two images.
+    model = _swin(128, 2)
+    tap = RelationTap(model)
+    block = model.layers[-1].blocks[-1]
+    seen = {}
+    block.attn.register_forward_pre_hook(lambda m, a: seen.update(windows=a[0]))
+    x = torch.randn(2, 3, 128, 128)
+    out = {}
+    block.register_forward_hook(lambda m, a, o: out.update(hidden=o))  # returns None
+    model(x)
+    (q, k, v), hidden = tap.take()
+    c = 8 * 24  # embed_dim doubled per stage
+    assert q.shape == k.shape == v.shape == (8, 4, c)
+    torch.testing.assert_close(torch.cat([q, k, v], -1), block.attn.qkv(seen["windows"]))
+    assert out["hidden"].shape == (2, 4, 4, c)
+    torch.testing.assert_close(hidden, out["hidden"].reshape(2, 16, c))
+    assert relation_shapes(model, 128) == (4, 4, 16)
+
+
+def test_relations_need_the_same_windows_and_skip_a_cnn_teacher() -> None:
+    vit = build_student(cfg(sharing="none", transform=False), num_classes=3)
+    assert relation_shapes(vit, 32) == (1, 17, 17)  # one window: all 16 patches + class
+    config = cfg()
+    swin_a, swin_b = _swin(128, 2), _swin(128, 2, dim=48)  # other widths: fine
+    assert uses_relations(config, swin_a, swin_b)
+    assert relation_shapes(swin_a, 128) == relation_shapes(swin_b, 128)
+    assert relation_shapes(_swin(128, 4), 128) == (1, 16, 16)  # one 4 x 4 window
+    cnn = timm.create_model("resnet10t", num_classes=3)
+    assert not uses_relations(config, swin_a, cnn)
+    assert not uses_relations(cfg(distill={"beta": 0, "gamma": 0}), swin_a, swin_b)
+    swin_a.train()
+    relation_shapes(swin_a, 128)
+    assert swin_a.training  # the probe leaves the mode as it found it
+
+
+def test_a_swin_student_learns_from_a_swin_teachers_relations(tmp_path: Path) -> None:
+    """The scenario's student and a teacher run's network as Swin-T at 32 px with 2 px
+    patches (16 x 16 tokens, halved three times: the last stage is one window of 2 x 2
+    tokens): all three losses train the student, each reported, and the total is eq. 12
+    with the scenario's weights."""
+    import scenarios
+
+    from raylab.engine.checkpoint import save_checkpoint
+
+    swin = {"model": "swin_tiny_patch4_window7_224", "depth": None, "patch_size": 2}
+    teacher_cfg = cfg(**swin, sharing="none", transform=False)
+    torch.manual_seed(3)
+    save_checkpoint(tmp_path / "teacher", model=build_student(teacher_cfg, 4), meta={
+        "method": "minivit", "config": cfglib.to_dict(teacher_cfg),
+        "class_names": list("abcd")})
+    _, reports = scenarios.train("minivit", {
+        **swin, "sharing": "every-2", "teacher": str(tmp_path / "teacher"),
+        "teacher_weights": "", "optim.epochs": 1, "optim.warmup_epochs": 0})
+    (r,) = reports
+    assert r["train_loss_attn"] > 0 and r["train_loss_hidden"] > 0
+    total = 0.5 * r["train_loss_gt"] + r["train_loss_pred"] + r["train_loss_attn"] \
+        + 0.1 * r["train_loss_hidden"]
+    assert r["train_loss"] == pytest.approx(total, rel=1e-5)

@@ -31,7 +31,7 @@ from raylab.methods.minivit.models import (
     build_student,
     load_teacher,
     plain_student,
-    token_count,
+    relation_shapes,
     uses_relations,
 )
 from raylab.methods.minivit.task import MiniViTTask
@@ -39,6 +39,12 @@ from raylab.models import count_params
 from raylab.registry import register_method
 from raylab.runtime.options import RunOptions
 from raylab.tasks.classification.data import ImageData
+
+
+def _shape_text(shape: tuple[int, int, int]) -> str:
+    windows, tokens, hidden = shape
+    return (f"{tokens} tokens" if windows == 1 and tokens == hidden
+            else f"{windows} window(s) of {tokens} tokens")
 
 
 @register_method
@@ -86,12 +92,14 @@ class MiniViTMethod(ConvNeXtMethod):
         if cfg.teacher:
             teacher, what = load_teacher(cfg, data.class_names)
             relations = uses_relations(cfg, plain, teacher)
-            if relations and token_count(teacher) != token_count(plain):
-                raise ConfigError(
-                    f"config key 'teacher': its {token_count(teacher)} tokens differ from the "
-                    f"student's {token_count(plain)} at {cfg.input_size} px; the relation "
-                    f"losses compare token by token (match patch sizes, or set "
-                    f"distill.beta=0 distill.gamma=0)")
+            if relations:
+                mine, theirs = (relation_shapes(m, cfg.input_size) for m in (plain, teacher))
+                if mine != theirs:
+                    raise ConfigError(
+                        f"config key 'teacher': its last block sees {_shape_text(theirs)}, "
+                        f"the student's {_shape_text(mine)} at {cfg.input_size} px; the "
+                        f"relation losses compare token by token (match patch and window "
+                        f"sizes, or set distill.beta=0 distill.gamma=0)")
             out.update(teacher=what, teacher_params=count_params(teacher), relations=relations)
         return out
 

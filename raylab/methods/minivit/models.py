@@ -128,12 +128,21 @@ def init_weights(cfg: MiniViTConfig, class_names: list[str]) -> dict[str, torch.
 # --------------------------------------------------------------------------- relation taps
 
 
-def is_plain_vit(model: nn.Module) -> bool:
-    """A timm ViT/DeiT whose last block has ``attn.qkv`` over all tokens (Swin's window
-    attention does not relate all tokens, so it gets prediction distillation only)."""
+def relation_block(model: nn.Module) -> nn.Module | None:
+    """The block whose q/k/v and output the relation losses compare: the last block of a
+    timm ViT/DeiT (attention over all tokens) or of a Swin's last stage (attention within
+    each window, as the paper's Mini-Swin distils it); None for other networks (a CNN
+    teacher), which get prediction distillation only."""
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
-    return isinstance(model, VisionTransformer) and hasattr(model.blocks[-1].attn, "qkv")
+    if isinstance(model, VisionTransformer):
+        block = model.blocks[-1]
+    elif isinstance(model, SwinTransformer):
+        block = model.layers[-1].blocks[-1]
+    else:
+        return None
+    return block if isinstance(getattr(block.attn, "qkv", None), nn.Linear) else None
 
 
 def token_count(model: nn.Module) -> int:
@@ -142,17 +151,38 @@ def token_count(model: nn.Module) -> int:
 
 def uses_relations(cfg: MiniViTConfig, student: nn.Module, teacher: nn.Module) -> bool:
     """Whether the attention and hidden-state relation terms apply: weighted, and both
-    models plain ViTs (the paper distils predictions only otherwise)."""
+    models ViTs or Swins (the paper distils predictions only otherwise)."""
     weighted = cfg.distill.beta > 0 or cfg.distill.gamma > 0
-    return weighted and is_plain_vit(student) and is_plain_vit(teacher)
+    return (weighted and relation_block(student) is not None
+            and relation_block(teacher) is not None)
+
+
+@torch.no_grad()
+def relation_shapes(model: nn.Module, input_size: int) -> tuple[int, int, int]:
+    """(windows, tokens per window, hidden-state tokens) of ``model``'s relation block for
+    one image of ``input_size`` px; a ViT has one window of all its tokens. The relations
+    compare student and teacher row by row, so these must agree between the two."""
+    tap = RelationTap(model)
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, 3, input_size, input_size))
+        (q, _, _), hidden = tap.take()
+    finally:
+        tap.remove()
+        model.train(was_training)
+    return int(q.shape[0]), int(q.shape[1]), int(hidden.shape[1])
 
 
 class RelationTap:
-    """Keeps the last block's q, k, v (heads merged, (B, N, C) each) and output hidden
-    state of a timm ViT from its most recent forward pass."""
+    """Keeps the relation block's q, k, v (heads merged, (B, N, C) each; a Swin's windows
+    are rows of B: (B * windows, tokens per window, C)) and its output hidden state
+    ((B, tokens, C)) from the model's most recent forward pass."""
 
     def __init__(self, model: nn.Module) -> None:
-        block = model.blocks[-1]
+        block = relation_block(model)
+        if block is None:
+            raise ValueError(f"{type(model).__name__}: no ViT or Swin block to tap")
         self.qkv: tuple[torch.Tensor, ...] | None = None
         self.hidden: torch.Tensor | None = None
         self._handles = [block.attn.qkv.register_forward_hook(self._keep_qkv),
@@ -162,7 +192,7 @@ class RelationTap:
         self.qkv = tuple(out.chunk(3, dim=-1))  # timm's layout: [q | k | v], heads inside
 
     def _keep_hidden(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
-        self.hidden = out
+        self.hidden = out.flatten(1, 2) if out.dim() == 4 else out  # Swin: (B, H, W, C)
 
     def take(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The captured tensors, released here so they do not outlive the step."""
