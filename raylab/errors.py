@@ -62,6 +62,7 @@ class ResourceError(RaylabError):
 #: Words of the errors that reading a file raises (pyarrow, the file system), and of those
 #: that damaged Parquet data raises (then a full read may find the file).
 _READ_WORDS = ("could not open", "failed to open", "no such file", "not found", "corrupt",
+               "the file is missing",  # raylab's own reading of a store's missing object
                "magic bytes", "deserializ", "unexpected end", "invalid", "ioerror",
                "oserror", "arrowinvalid", "arrowioerror")
 _DAMAGE_WORDS = ("corrupt", "snappy", "zstd", "thrift", "deserializ", "unexpected end",

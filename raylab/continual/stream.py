@@ -65,6 +65,7 @@ import numpy as np
 
 from raylab.config import atomic_write_text
 from raylab.continual.buffers import BUFFERS, ReplayBuffer, buffer_from_state, build_buffer
+from raylab.data import fs
 from raylab.errors import ConfigError, RaylabError
 from raylab.metrics.continual import AccuracyMatrix, clear_metrics
 
@@ -503,14 +504,19 @@ class StreamProtocol:
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` as JSON, atomically (temporary file, then rename)."""
-        atomic_write_text(path, json.dumps(self.state_dict()))
+        """Write :meth:`state_dict` as JSON, atomically: a temporary file, then a rename;
+        in object storage one PUT, which stores all of it or nothing."""
+        text = json.dumps(self.state_dict())
+        if fs.is_uri(path):
+            fs.write_bytes(path, text.encode())
+        else:
+            atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StreamProtocol:
-        """A protocol from a file written by :meth:`save`."""
+        """A protocol from a file (or object) written by :meth:`save`."""
         try:
-            state = json.loads(Path(path).read_text())
+            state = json.loads(fs.read_bytes(path))
         except (OSError, ValueError) as err:
             raise StreamError(f"{os.fspath(path)}: cannot read the stream state: {err}") from None
         return cls.from_state(state)
@@ -527,21 +533,19 @@ class StreamService:
     Every change is saved atomically before the method returns; if saving fails the change
     is rolled back and the error raised.
 
-    ``state_path`` is a local or shared file-system path (NFS, a mounted bucket). A remote
-    URI (``s3://``) is refused: mount it. With actors that may restart on another node the
-    path must be shared by the nodes.
+    ``state_path`` is a file-system path (with actors that may restart on another node, one
+    the nodes share: NFS) or an object-store URI (``s3://``, ``gs://``), which every node
+    reaches.
 
     Raises:
-        StreamError: A URI path, a saved state of another stream, or neither a state file
-            nor ``bucket_rows``.
+        StreamError: A saved state of another stream, or neither a state file nor
+            ``bucket_rows``.
+        DataError: The store refused a request (credentials, bucket).
     """
 
     def __init__(self, state_path: str | os.PathLike, **protocol_kwargs: Any) -> None:
-        if "://" in os.fspath(state_path):
-            raise StreamError(f"the stream state path must be a file-system path (mount remote "
-                              f"storage), got {os.fspath(state_path)!r}")
-        self.state_path = Path(state_path)
-        if self.state_path.exists():
+        self.state_path = os.fspath(state_path) if fs.is_uri(state_path) else Path(state_path)
+        if fs.kind(self.state_path) == "file":
             self.protocol = StreamProtocol.load(self.state_path)
             if protocol_kwargs and StreamProtocol(**protocol_kwargs).fingerprint() != \
                     self.protocol.fingerprint():

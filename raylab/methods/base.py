@@ -60,7 +60,7 @@ class RunPlan:
 @dataclass
 class PlanResult:
     """A finished run: its final metrics, checkpoint and wall time; ``run_dir`` is its
-    folder when the storage is local (None for remote storage)."""
+    folder (a local path, or a store URI for remote storage)."""
 
     plan: RunPlan
     metrics: dict[str, Any]
@@ -245,7 +245,7 @@ class Method:
             check_eval_rows(plan, final)
             results.append(PlanResult(plan, final, final.get("model"),
                                      float(final.get("seconds", time.perf_counter() - t0)),
-                                     None if run_dir is None else str(run_dir)))
+                                     fs.join(storage, name)))
         return results
 
     def train(self, cfg: Any, options: RunOptions, storage: str, experiment: str,

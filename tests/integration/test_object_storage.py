@@ -292,3 +292,73 @@ def test_wrong_credentials_are_one_line_without_the_key(tmp_path: Path, capsys,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_clear_state_in_the_store_and_a_shard_deleted_mid_run(
+        s3: str, tiny_clear_stream: Path, tmp_path: Path) -> None:
+    """Two commands at once, each with its own local cluster:
+
+    - `raylab train clear --storage s3://...`: the stream actor keeps its state
+      (`stream_state.json`, R filled bucket by bucket) in the bucket, the summary and
+      report go there, nothing to the local disk;
+    - `raylab train skill --data s3://...` streaming its shard every epoch, whose shard is
+      deleted from the bucket after the first epoch: one line naming the shard's URI and
+      where the run's checkpoints stay, exit 2, and every checkpoint kept is whole.
+    """
+    import boto3
+
+    from raylab.data.jigsaws import write_sample
+    from raylab.engine.checkpoint import load_checkpoint
+
+    raw = write_sample(tmp_path / "raw", tasks=("Suturing",), subjects="BD", trials=(1, 2),
+                       frames=(100, 120))
+    assert main(["data", "convert", "jigsaws", str(raw), f"{s3}/jig"]) == 0
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    clear = subprocess.Popen(
+        [sys.executable, "-m", "raylab", "train", "clear", "--data", str(tiny_clear_stream),
+         "--set", "model=test_resnet", "--set", "input_size=16", "--set", "optim.epochs=1",
+         "--set", "optim.batch_size=8", "--workers", "1", "--storage", f"{s3}/clr",
+         "--name", "c"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, cwd=tmp_path)
+    skill = subprocess.Popen(
+        [sys.executable, "-m", "raylab", "train", "skill", "--data", f"{s3}/jig",
+         "--set", "optim.epochs=6", "--set", "cv=holdout", "--set", "materialize_mb=0",
+         "--set", "cache_mb=0", "--set", "checkpoint_every=1", "--workers", "1",
+         "--storage", f"{s3}/runs", "--name", "del"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    client = boto3.client("s3")
+    shard = next(k for k in _keys("jig/") if k.endswith(".parquet"))
+
+    def first_epoch_logged() -> bool:
+        return "runs/del/holdout/metrics.jsonl" in _keys("runs/del/holdout/") and bool(
+            _text("runs/del/holdout/metrics.jsonl").strip())
+
+    _wait_for(first_epoch_logged, 240, skill)
+    client.delete_object(Bucket=BUCKET, Key=shard)
+    out, err = skill.communicate(timeout=300)
+    assert skill.returncode == 2, out[-2000:] + err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("raylab: error: ")][-1]
+    assert line.startswith(f"raylab: error: {s3}/{shard}: shard could not be read (the file "
+                           f"is missing); checkpoints and metrics written so far are kept in "
+                           f"{s3}/runs/del/holdout"), line
+    epochs = [json.loads(x)["epoch"] for x in _text("runs/del/holdout/metrics.jsonl")
+              .splitlines()]
+    assert epochs[0] == 1 and epochs[-1] < 6, epochs
+    kept = [k for k in _keys("runs/del/holdout/") if k.endswith("/state.pt")
+            and "checkpoint_" in k]
+    assert kept
+    for i, key in enumerate(kept):  # each whole: it loads
+        folder = tmp_path / "kept" / str(i)
+        folder.mkdir(parents=True)
+        client.download_file(BUCKET, key, str(folder / "state.pt"))
+        assert load_checkpoint(folder)["epoch"] < 6
+
+    out, _ = clear.communicate(timeout=300)
+    assert clear.returncode == 0, out[-3000:]
+    state = json.loads(_text("clr/c/run/stream_state.json"))
+    assert state["finished"] == [1, 2, 3, 4] and state["cursor"] == 4
+    summary = json.loads(_text("clr/c/summary.json"))
+    assert all(v is not None for row in summary["matrix"] for v in row)
+    assert "clr/c/report.md" in _keys("clr/c/")
+    assert not list(tmp_path.rglob("stream_state.json"))  # nothing on the local disk

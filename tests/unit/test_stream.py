@@ -281,8 +281,7 @@ def test_a_state_file_of_another_stream_is_refused(tmp_path: Path) -> None:
         StreamService(path, bucket_rows=make_rows(3), protocol="streaming")
     with pytest.raises(StreamError, match="no stream state"):
         StreamService(tmp_path / "missing.json")
-    with pytest.raises(StreamError, match="file-system path"):
-        StreamService("s3://bucket/stream.json", bucket_rows=make_rows(3))
+    # A store URI is a valid place (tests/integration/test_object_storage.py).
 
 
 def test_a_failed_save_leaves_the_old_file_and_rolls_back(tmp_path: Path,

@@ -25,6 +25,7 @@ several runs out as the paper's Table 1.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,15 +36,16 @@ import pyarrow.parquet as pq
 from raylab import config as cfglib
 from raylab.continual.rows import stream_rows
 from raylab.continual.stream import StreamProtocol, StreamService, strategy_flags
+from raylab.data import fs
 from raylab.data.clear import bucket_paths, read_stream_manifest
 from raylab.engine.checkpoint import load_meta
 from raylab.engine.keys import RUN, TEST, VAL
-from raylab.errors import ConfigError, DataError, StorageError
+from raylab.errors import ConfigError, DataError
 from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.methods.clear.config import ClearConfig, make_strategy, row_label
 from raylab.methods.clear.task import STREAM, ClearTask
 from raylab.registry import register_method
-from raylab.runtime.options import RunOptions, local_path
+from raylab.runtime.options import RunOptions
 
 STATE_FILE = "stream_state.json"
 
@@ -113,9 +115,10 @@ def stream_kwargs(cfg: ClearConfig, info: StreamInfo, validate: bool = False
             "val_fraction": cfg.val_fraction, "validate": validate, **flags}
 
 
-def stream_actor_name(run_folder: Path) -> str:
-    """The stream actor's name for a run folder: one per run."""
-    return f"clear-stream-{zlib.crc32(str(Path(run_folder).resolve()).encode()):08x}"
+def stream_actor_name(run_folder: str | Path) -> str:
+    """The stream actor's name for a run folder (a path or a store URI): one per run."""
+    where = os.fspath(run_folder) if fs.is_uri(run_folder) else str(Path(run_folder).resolve())
+    return f"clear-stream-{zlib.crc32(where.encode()):08x}"
 
 
 def task_args(cfg: ClearConfig, info: StreamInfo) -> dict[str, Any]:
@@ -177,13 +180,11 @@ class ClearMethod(Method):
         from raylab.runtime.actors import ActorProxy, start_stream
 
         (plan,) = plans
-        folder = local_path(storage, plan.name)
-        if folder is None:
-            raise StorageError("the CLEAR stream keeps its state in the run folder: --storage "
-                               "must be a local or shared file-system path (mount the bucket)")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = fs.join(storage, plan.name)  # the run folder: a path or a store URI
+        if not fs.is_uri(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         actor_name = stream_actor_name(folder)
-        stream = ActorProxy(start_stream(actor_name, folder / STATE_FILE,
+        stream = ActorProxy(start_stream(actor_name, fs.join(folder, STATE_FILE),
                                          **stream_kwargs(cfg, data, plan.split == VAL)))
         try:
             return super().fit(cfg, options, data, plans, storage, callbacks, progress,
@@ -200,7 +201,7 @@ class ClearMethod(Method):
     def summarise(self, cfg: ClearConfig, data: StreamInfo, results: list[PlanResult]
                   ) -> dict[str, Any]:
         result = results[0]
-        stream = StreamService(Path(str(result.run_dir)) / STATE_FILE).metrics()
+        stream = StreamService(fs.join(result.run_dir, STATE_FILE)).metrics()
         return summarise(cfg, data, stream, result.seconds, result.checkpoint)
 
     def write_report(self, cfg: ClearConfig, summary: dict[str, Any], folder: Path) -> None:
