@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="clear-table: run only these strategies' rows (into --out); "
                             "gpu-steps: convnext, dino or vitdet; "
-                            "detection-sample: vitdet or cnn")
+                            "detection-sample: vitdet or cnn; minivit-cifar: 2-workers, "
+                            "or convnext-teacher")
 
     demo = sub.add_parser("demo", help="sample -> shards -> Tune search -> report, locally")
     demo.add_argument("--out", default="demo_output")

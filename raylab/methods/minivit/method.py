@@ -118,7 +118,7 @@ class MiniViTMethod(ConvNeXtMethod):
                 terms += [f"{d.beta:g} attn ({d.relation_heads} relation heads)",
                           f"{d.gamma:g} hidden"]
             elif d.beta or d.gamma:
-                terms.append("no relation terms (teacher or student is not a plain ViT)")
+                terms.append("no relation terms (teacher or student is neither a ViT nor a Swin)")
             print(f"teacher {c['teacher']}, {c['teacher_params']:,} params; loss "
                   f"{' + '.join(terms)}", flush=True)
         else:

@@ -3,8 +3,8 @@
 The classification step calls :meth:`MiniViTTask.loss` (the task's distillation hook): the
 teacher runs in eval mode under ``no_grad`` on the same (mixed, normalised) batch, and the
 loss is ``gt * CE + pred * L_pred + beta * L_attn + gamma * L_hddn``; the relation terms
-apply when student and teacher are both plain ViTs with the same token count (the paper
-distils predictions only otherwise).
+apply when student and teacher are both ViTs, or both Swins, whose last blocks see the
+same windows of tokens (predictions only otherwise, e.g. from a CNN teacher).
 """
 
 from __future__ import annotations
