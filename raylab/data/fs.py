@@ -49,6 +49,12 @@ def was_uri(path: str | os.PathLike) -> bool:
     return is_uri(text) or any(text.startswith(f"{scheme}:/") for scheme in STORE_SCHEMES)
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A URI as it is; a local path made absolute (how shard lists name their files)."""
+    path = os.fspath(path)
+    return path if is_uri(path) else os.path.abspath(path)
+
+
 def join(root: str | os.PathLike, name: str) -> str:
     """``root/name`` for a local folder or a URI."""
     root = os.fspath(root)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raylab.data import clear, coco, imagefolder, segmentation
+from raylab.data import clear, coco, fs, imagefolder, segmentation
 from raylab.data.jigsaws import SKILL_LEVELS
 from raylab.data.shards import MANIFEST, read_manifest, shard_paths, unreadable_shard
 from raylab.errors import DataError
@@ -90,7 +90,7 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         "subjects": _subjects(values),
         "schema": schema,
         "shards": len(manifest["shards"]),
-        "path": os.path.abspath(os.fspath(dst)),
+        "path": fs.absolute(dst),
         "created": manifest.get("created"),
         "skipped": {"no_meta": list(extra.get("skipped_no_meta", [])),
                     "missing_file": list(extra.get("skipped_missing_file", []))},
@@ -155,7 +155,7 @@ def _split_folder_summary(dst: str | os.PathLike, manifest: dict[str, Any],
         "subjects": {},
         "schema": manifest["schema"],
         "shards": len(manifest["shards"]),
-        "path": os.path.abspath(os.fspath(dst)),
+        "path": fs.absolute(dst),
         "created": manifest.get("created"),
         "skipped": {"bad_file": list(extra.get("skipped", []))},
         "extra": shown,
@@ -196,7 +196,7 @@ def _inspect_coco(dst: str | os.PathLike) -> dict[str, Any]:
         "subjects": {},
         "schema": manifest["schema"],
         "shards": len(manifest["shards"]),
-        "path": os.path.abspath(os.fspath(dst)),
+        "path": fs.absolute(dst),
         "created": manifest.get("created"),
         "skipped": {kind: [e for e in skipped if e.get("kind") == kind]
                     for kind in ("image", "annotation")},
@@ -276,7 +276,7 @@ def _inspect_clear(dst: str | os.PathLike) -> dict[str, Any]:
         "subjects": {},
         "schema": manifest.get("schema", {}),
         "shards": sum(shards.values()),
-        "path": os.path.abspath(os.fspath(dst)),
+        "path": fs.absolute(dst),
         "created": manifest.get("created"),
         "skipped": {"bad_file": list(manifest.get("skipped", []))},
         "extra": {k: manifest[k] for k in shown if k in manifest},

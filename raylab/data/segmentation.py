@@ -614,8 +614,7 @@ def split_paths(dst: str | os.PathLike, split: str) -> list[str]:
     if split not in split_shards:
         raise DataError(f"split {split!r} not in this shard folder; present: "
                         f"{', '.join(split_shards) or 'none'}", path=dst)
-    root = os.path.abspath(os.fspath(dst))
-    return [os.path.join(root, name) for name in split_shards[split]]
+    return [fs.join(fs.absolute(dst), name) for name in split_shards[split]]
 
 
 def decode_mask(data: bytes) -> np.ndarray:

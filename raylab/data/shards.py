@@ -437,8 +437,7 @@ def shard_paths(dst: str | os.PathLike) -> list[str]:
         Absolute shard file paths.
     """
     manifest = read_manifest(dst)
-    root = os.fspath(dst) if fs.is_uri(dst) else os.path.abspath(os.fspath(dst))
-    return [fs.join(root, s["file"]) for s in manifest["shards"]]
+    return [fs.join(fs.absolute(dst), s["file"]) for s in manifest["shards"]]
 
 
 def iter_rows(dst: str | os.PathLike, columns: list[str] | None = None,

@@ -106,6 +106,29 @@ def test_convert_publishes_the_manifest_last_and_inspect_reads_it(
         read_manifest(f"{s3}/jig")
 
 
+def test_image_shards_in_the_store_keep_their_uris(s3: str, tmp_path: Path, capsys) -> None:
+    """An imagefolder set converted to the store: every split's shard list, the training
+    data a method loads and `data inspect` name store URIs, never a local path made of
+    one (``/cwd/s3:/bucket/...``, a bug found by measuring ingest from the store)."""
+    from raylab import config as cfglib
+    from raylab.data.imagefolder import split_paths, write_image_sample
+    from raylab.methods.convnext import ConvNeXtConfig
+    from raylab.tasks.classification.data import load_image_data
+
+    src = write_image_sample(tmp_path / "img", classes=2, train_per_class=4,
+                             test_per_class=2)
+    assert main(["data", "convert", "imagefolder", str(src), f"{s3}/img"]) == 0
+    paths = split_paths(f"{s3}/img", "train")
+    assert paths and all(p.startswith(f"{s3}/img/") for p in paths), paths
+    data = load_image_data(cfglib.apply_overrides(ConvNeXtConfig(), {
+        "data": f"{s3}/img", "optim.batch_size": 4}))
+    assert data.train_paths == paths and data.train_rows == 8
+    assert all(p.startswith(f"{s3}/img/") for p in data.eval_paths)
+    capsys.readouterr()
+    assert main(["data", "inspect", f"{s3}/img", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == f"{s3}/img"
+
+
 def test_a_failed_convert_publishes_nothing(s3: str, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["data", "convert", "jigsaws", str(tmp_path / "empty"), f"{s3}/bad"]) == 2

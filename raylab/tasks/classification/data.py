@@ -11,13 +11,12 @@ import importlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from raylab.data import imagefolder
+from raylab.data import fs, imagefolder
 from raylab.data.clear import is_stream, read_stream_manifest
 from raylab.data.shards import read_manifest, shard_paths
 from raylab.errors import ConfigError, DataError
@@ -87,7 +86,7 @@ def _stream_splits(dst: str) -> _Splits:
         class_names=list(manifest["class_names"]),
         rows={name: int(manifest["bucket_rows"][str(b)]) for b, name in folders.items()},
         unlabeled={name for b, name in folders.items() if b in unlabeled},
-        paths=lambda split: shard_paths(Path(dst) / split))
+        paths=lambda split: shard_paths(fs.join(dst, split)))
 
 
 def _check_split(splits: _Splits, key: str, value: str) -> None:
