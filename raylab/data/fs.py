@@ -169,3 +169,11 @@ def list_files(folder: str | os.PathLike) -> list[str]:
     fs, inner = resolve(folder)
     infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def list_dirs(folder: str | os.PathLike) -> list[str]:
+    """Names of the folders (store prefixes) directly in ``folder`` (empty when it does
+    not exist)."""
+    fs, inner = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,6 +128,31 @@ def test_image_shards_in_the_store_keep_their_uris(s3: str, tmp_path: Path, caps
     capsys.readouterr()
     assert main(["data", "inspect", f"{s3}/img", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == f"{s3}/img"
+
+
+def test_detection_splits_in_the_store(s3: str, detection_shards: Path) -> None:
+    """A detection data folder (one coco shard set per split) uploaded to the store: the
+    splits are found and read through it, and a missing split is one error naming the
+    splits that are there."""
+    from raylab import config as cfglib
+    from raylab.data import fs
+    from raylab.errors import DataError
+    from raylab.tasks.detection.config import DetectionConfig
+    from raylab.tasks.detection.data import load_detection_data
+
+    fs.upload_tree(detection_shards, f"{s3}/det")
+    local = load_detection_data(cfglib.apply_overrides(DetectionConfig(), {
+        "data": str(detection_shards)}))
+    remote = load_detection_data(cfglib.apply_overrides(DetectionConfig(), {
+        "data": f"{s3}/det"}))
+    assert (remote.train_rows, remote.eval_rows) == (local.train_rows, local.eval_rows)
+    assert remote.train_counts == local.train_counts  # every training row read
+    assert all(p.startswith(f"{s3}/det/") for p in remote.train_paths + remote.eval_paths)
+    splits = sorted(p.name for p in detection_shards.iterdir() if p.is_dir())
+    with pytest.raises(DataError, match=rf"no coco shard folder for split 'test2017'.*found "
+                                        rf"{re.escape(str(splits))}"):
+        load_detection_data(cfglib.apply_overrides(DetectionConfig(), {
+            "data": f"{s3}/det", "eval_split": "test2017"}))
 
 
 def test_a_failed_convert_publishes_nothing(s3: str, tmp_path: Path, capsys) -> None:

@@ -35,6 +35,7 @@ from raylab.tasks.detection.data import (
     holdout_ids,
     load_detection_data,
     row_ids,
+    split_folder,
     train_dataset,
 )
 from raylab.tasks.detection.pictures import augmentation_grid
@@ -251,7 +252,7 @@ class DetectionMethod(Method):
         detector = TrainedDetector(summary["checkpoint"])
         (folder / "pictures").mkdir(exist_ok=True)
         names = []
-        eval_folder = Path(cfg.data) / cfg.eval_split
+        eval_folder = split_folder(cfg, cfg.eval_split)
         for row in iter_rows(eval_folder, columns=["image_id", "file_name", "image"]):
             if len(names) >= cfg.report_images:
                 break

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from raylab import config as cfglib
+from raylab.data import fs
 from raylab.data.clear import is_stream
 from raylab.data.shards import iter_rows
 from raylab.engine.checkpoint import load_meta
@@ -200,9 +201,9 @@ def attention_figures(checkpoint: str | Path, data: str, split: str, out: Path,
     transform = build_transform(False, img_size)
     rows = []
     if is_stream(data):  # a bucket's shard folder holds that bucket only
-        source, columns = Path(data) / split, ["image", "path"]
+        source, columns = fs.join(data, split), ["image", "path"]
     else:
-        source, columns = Path(data), ["image", "path", "split"]
+        source, columns = data, ["image", "path", "split"]
     for row in iter_rows(source, columns=columns):
         if row.get("split", split) == split:
             rows.append(row)

@@ -29,10 +29,10 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from raylab.data import segmentation
+from raylab.data import fs, segmentation
 from raylab.data.shards import MANIFEST, output_folder, read_manifest, write_shards
 from raylab.engine.checkpoint import load_meta
-from raylab.errors import CheckpointError, DataError
+from raylab.errors import CheckpointError, ConfigError, DataError
 from raylab.models.backbones import load_backbone
 from raylab.models.stego import global_features, knn_indices, patch_features
 from raylab.transforms.images import decode_image, normalize_on_device
@@ -59,13 +59,14 @@ def cache_key(checkpoint: str, which: str, img_size: int, knn_k: int, data: str)
     """A short hash of what the cached features depend on."""
     weights = Path(checkpoint) / "state.pt"
     stat = weights.stat() if weights.exists() else None
-    manifest = Path(data) / MANIFEST
+    manifest = fs.join(data, MANIFEST)
     parts = {
         "version": CACHE_VERSION,
         "weights": str(weights.resolve()),
         "weights_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
         "which": which, "img_size": img_size, "knn_k": knn_k,
-        "data": hashlib.sha1(manifest.read_bytes()).hexdigest() if manifest.exists() else "",
+        "data": (hashlib.sha1(fs.read_bytes(manifest)).hexdigest()
+                 if fs.kind(manifest) == "file" else ""),
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -153,6 +154,10 @@ class FeatureCache:
 def cache_folder(cfg: Any) -> Path:
     """Where ``cfg``'s features are (or will be) cached."""
     size = backbone_input_size(cfg.backbone, cfg.img_size)
+    if fs.is_uri(cfg.data) and not cfg.feature_cache:
+        raise ConfigError(f"config key 'feature_cache': the features are cached beside the "
+                          f"data by default, and {cfg.data} is in object storage; expected a "
+                          f"local folder for the cache")
     root = Path(cfg.feature_cache) if cfg.feature_cache else Path(cfg.data) / "stego"
     return root / cache_key(cfg.backbone, cfg.backbone_weights, size, cfg.knn_k, cfg.data)
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from raylab.data import fs
 from raylab.data.coco import coco_manifest
 from raylab.data.shards import MANIFEST, iter_rows, shard_paths
 from raylab.errors import DataError
@@ -77,9 +78,10 @@ class DetectionData:
         return [names[cid] for cid in sorted(names)]
 
 
-def split_folder(cfg: DetectionConfig, split: str) -> Path:
-    """``<data>/<split>``: a coco shard folder (``raylab data convert coco``)."""
-    return Path(cfg.data) / split
+def split_folder(cfg: DetectionConfig, split: str) -> str:
+    """``<data>/<split>``: a coco shard folder (``raylab data convert coco``), a path or a
+    store URI."""
+    return fs.join(cfg.data, split)
 
 
 def load_detection_data(cfg: DetectionConfig) -> DetectionData:
@@ -89,13 +91,13 @@ def load_detection_data(cfg: DetectionConfig) -> DetectionData:
         DataError: ``cfg.data`` lacks a split folder, a split is not a coco shard folder,
             or the two splits' category tables differ.
     """
-    root = Path(cfg.data)
+    root = cfg.data
     manifests = {}
     for split in (cfg.train_split, cfg.eval_split):
         folder = split_folder(cfg, split)
-        if not (folder / MANIFEST).is_file():
-            found = sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file()) \
-                if root.is_dir() else []
+        if fs.kind(fs.join(folder, MANIFEST)) != "file":
+            found = [name for name in fs.list_dirs(root)
+                     if fs.kind(fs.join(fs.join(root, name), MANIFEST)) == "file"]
             raise DataError(f"no coco shard folder for split {split!r}: expected "
                             f"{folder}/{MANIFEST} (convert each split with `raylab data "
                             f"convert coco IMAGES ANNOTATIONS.json {folder}`); found "
@@ -106,7 +108,7 @@ def load_detection_data(cfg: DetectionConfig) -> DetectionData:
     if _ids_names(categories) != _ids_names(evaluate["extra"]["categories"]):
         raise DataError(f"the category tables of splits {cfg.train_split!r} and "
                         f"{cfg.eval_split!r} differ; convert both with the same categories",
-                        path=split_folder(cfg, cfg.eval_split) / MANIFEST)
+                        path=fs.join(split_folder(cfg, cfg.eval_split), MANIFEST))
     pseudo_paths, pseudo_rows = _pseudo(cfg, categories)
     return DetectionData(
         pseudo_paths=pseudo_paths, pseudo_rows=pseudo_rows,
@@ -135,7 +137,7 @@ def _pseudo(cfg: DetectionConfig, categories: list[dict[str, Any]]) -> tuple[lis
     if _ids_names(manifest["extra"]["categories"]) != _ids_names(categories):
         raise DataError(f"the pseudo-labels' categories differ from those of split "
                         f"{cfg.train_split!r}; label with a model trained on this data",
-                        path=Path(cfg.pseudo) / MANIFEST)
+                        path=fs.join(cfg.pseudo, MANIFEST))
     return shard_paths(cfg.pseudo), int(manifest["rows"])
 
 
