@@ -209,6 +209,13 @@ def _text(key: str) -> str:
     return boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
 
 
+#: Epochs per trial of the interrupted search: a trial's epoch takes ~0.5 s, and SIGINT
+#: must reach Tune while the second trial still runs (with 2 epochs the trial finished
+#: first on a busy CI machine, and once with 6); the grace period equals it, so ASHA stops
+#: no trial early.
+EPOCHS = 12
+
+
 def test_interrupted_search_in_the_store_resumes_without_rerunning(
         s3: str, sample_shards: Path, tmp_path: Path) -> None:
     """`raylab tune --storage s3://...`, SIGINT while the second (last) trial runs, then
@@ -232,8 +239,9 @@ def test_interrupted_search_in_the_store_resumes_without_rerunning(
     log = (tmp_path / "tune.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raylab", "tune", "skill", "--data", str(sample_shards),
-         "--set", "optim.epochs=2", "--set", "step=10", "--space", "window=[30,60]",
-         "--trials", "2", "--grace-period", "2", "--storage", f"{s3}/store", "--name",
+         "--set", f"optim.epochs={EPOCHS}", "--set", "step=10", "--space",
+         "window=[30,60]", "--trials", "2", "--grace-period", str(EPOCHS), "--storage",
+         f"{s3}/store", "--name",
          "exp"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     beside_log = (tmp_path / "beside.log").open("w")
     beside = subprocess.Popen(
@@ -247,7 +255,7 @@ def test_interrupted_search_in_the_store_resumes_without_rerunning(
         return {k: _text(k) for k in _keys(runs) if k.endswith("/metrics.jsonl")}
 
     def finished(texts: dict[str, str]) -> list[str]:
-        return [k for k, text in texts.items() if '"epoch": 2' in text]
+        return [k for k, text in texts.items() if f'"epoch": {EPOCHS}' in text]
 
     def second_trial_running() -> bool:
         texts = histories()
@@ -280,7 +288,7 @@ def test_interrupted_search_in_the_store_resumes_without_rerunning(
     assert main(["analyze", f"{s3}/store/exp", "--json"]) == 0
     report = json.loads(_text("store/exp/analysis/analysis.json"))
     assert len(report["rows"]) == 2
-    assert all(r["epochs"] == 2 for r in report["rows"])
+    assert all(r["epochs"] == EPOCHS for r in report["rows"])
     checkpoints = [r["checkpoint"] for r in report["rows"] if r["checkpoint"]]
     assert checkpoints and all(c.startswith(f"{s3}/store/exp/train_runs/")
                                for c in checkpoints), checkpoints
