@@ -206,3 +206,37 @@ def test_a_swin_student_learns_from_a_swin_teachers_relations(tmp_path: Path) ->
     total = 0.5 * r["train_loss_gt"] + r["train_loss_pred"] + r["train_loss_attn"] \
         + 0.1 * r["train_loss_hidden"]
     assert r["train_loss"] == pytest.approx(total, rel=1e-5)
+
+
+def test_a_run_reads_the_teacher_and_probes_the_shapes_once(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """load, describe and summarise, as the driver calls them for one run: the teacher is
+    read from its checkpoint once and student and teacher run one probe forward each."""
+    from raylab.methods.base import PlanResult, RunPlan
+    from raylab.methods.convnext.method import ConvNeXtMethod
+    from raylab.methods.minivit import method as minivit_method
+    from raylab.runtime.options import RunOptions
+    from raylab.tasks.classification.data import ImageData
+
+    _minivit_run(tmp_path / "t", sharing="none", transform=False)
+    data = ImageData(["a", "b", "c"], [], [], 0, 0)
+    monkeypatch.setattr(ConvNeXtMethod, "load", lambda self, c: data)
+    monkeypatch.setattr(ConvNeXtMethod, "summarise", lambda self, c, d, r: {})
+    calls = {"load_teacher": 0, "relation_shapes": 0}
+
+    def counted(name: str):
+        real = getattr(minivit_method, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(minivit_method, name, wrapper)
+
+    counted("load_teacher")
+    counted("relation_shapes")
+    method = minivit_method.MiniViTMethod()
+    c = cfg(teacher=str(tmp_path / "t"))
+    method.describe(c, RunOptions(), method.load(c))
+    summary = method.summarise(c, data, [PlanResult(RunPlan("run", "test"), {}, None, 0.0)])
+    assert calls == {"load_teacher": 1, "relation_shapes": 2}  # student and teacher
+    assert summary["relations"] and summary["teacher_params"] > 0
