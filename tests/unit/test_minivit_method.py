@@ -17,7 +17,6 @@ from raylab.methods.minivit.models import (
     build_student,
     relation_shapes,
     timm_teacher,
-    token_count,
     uses_relations,
 )
 
@@ -46,7 +45,7 @@ def test_student_geometry_and_sharing_follow_the_config() -> None:
     model = build_student(cfg(sharing="all"), num_classes=3)
     assert len(model.blocks) == 2 and model.patch_embed.patch_size == (8, 8)
     assert model.blocks[0].mlp is model.blocks[1].mlp
-    assert token_count(model) == (32 // 8) ** 2 + 1
+    assert relation_shapes(model, 32) == (1, 17, 17)  # (32 / 8) ** 2 patches + class
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 

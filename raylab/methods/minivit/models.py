@@ -145,10 +145,6 @@ def relation_block(model: nn.Module) -> nn.Module | None:
     return block if isinstance(getattr(block.attn, "qkv", None), nn.Linear) else None
 
 
-def token_count(model: nn.Module) -> int:
-    return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
-
-
 def uses_relations(cfg: MiniViTConfig, student: nn.Module, teacher: nn.Module) -> bool:
     """Whether the attention and hidden-state relation terms apply: weighted, and both
     models ViTs or Swins (the paper distils predictions only otherwise)."""
