@@ -1,0 +1,1 @@
+"""Building CLEAR-style streams from a timestamped image pool (CLIP retrieval)."""
