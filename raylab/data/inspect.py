@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raylab.data import clear, coco, fs, imagefolder, segmentation
+from raylab.data import clear, coco, fs, imagefolder, pool, segmentation
 from raylab.data.jigsaws import SKILL_LEVELS
 from raylab.data.shards import MANIFEST, read_manifest, shard_paths, unreadable_shard
 from raylab.errors import DataError
@@ -55,6 +55,8 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         ``pixel_share`` ({class name: share of the labelled pixels over all splits}),
         ``void_share`` (of all pixels), ``class_names``, ``split_shards`` ({split: number
         of shards}), ``five_crop``, ``skipped`` ({"bad_file": [{"path", "reason"}]}).
+        For ``format="pool"``: ``first`` and ``last`` (ISO 8601 UTC, read from the
+        shards), ``timestamps`` (their source), ``skipped`` ({"bad_file": [..]}).
 
     Raises:
         DataError: The folder or manifest is invalid.
@@ -66,6 +68,8 @@ def inspect_shards(dst: str | os.PathLike) -> dict[str, Any]:
         return _inspect_coco(dst)
     if manifest["format"] == segmentation.FORMAT:
         return _inspect_segmentation(dst)
+    if manifest["format"] == pool.FORMAT:
+        return _inspect_pool(dst, manifest)
     schema = manifest["schema"]
     columns = [c for c in _SMALL_COLUMNS if c in schema]
     values: dict[str, list[Any]] = defaultdict(list)
@@ -239,6 +243,24 @@ def _inspect_segmentation(dst: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def _inspect_pool(dst: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Summary of an image pool: rows and the time range of its timestamps."""
+    times = [pc.min_max(_read_columns(os.path.join(dst, s["file"]), ["timestamp"])
+                        .column("timestamp")).as_py() for s in manifest["shards"]]
+    times = [t for t in times if t["min"] is not None]
+    extra = manifest["extra"]
+    return {
+        "format": manifest["format"], "rows": manifest["rows"], "frames": None,
+        "first": pool.to_iso(min(t["min"] for t in times)) if times else None,
+        "last": pool.to_iso(max(t["max"] for t in times)) if times else None,
+        "timestamps": extra.get("timestamps"), "subjects": {}, "schema": manifest["schema"],
+        "shards": len(manifest["shards"]), "path": fs.absolute(dst),
+        "created": manifest.get("created"),
+        "skipped": {"bad_file": list(extra.get("skipped", []))},
+        "extra": {k: extra[k] for k in ("source",) if k in extra},
+    }
+
+
 def _inspect_clear(dst: str | os.PathLike) -> dict[str, Any]:
     """Summary of a CLEAR stream: rows and counts per bucket and class name."""
     manifest = clear.read_stream_manifest(dst)
@@ -331,6 +353,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     is_stream = info["format"] == clear.FORMAT
     is_coco = info["format"] == coco.FORMAT
     is_seg = info["format"] == segmentation.FORMAT
+    if info["format"] == pool.FORMAT:
+        lines.append(f"time:    {info['first']} .. {info['last']} (UTC, from "
+                     f"{info['timestamps']})")
     lines += _clear_lines(info) if is_stream else []
     lines += _coco_lines(info) if is_coco else []
     lines += _segmentation_lines(info) if is_seg else []

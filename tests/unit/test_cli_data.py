@@ -129,7 +129,7 @@ def test_clear_cli_errors(tmp_path: Path, capsys) -> None:
     _one_error_line(capsys, "--classes: only for clear or segmentation, not imagefolder")
     assert main(["data", "convert", "jigsaws", str(raw), dst, "--skip-bad"]) == 2
     _one_error_line(capsys, "--skip-bad: only for imagefolder or clear or coco or "
-                            "segmentation, not jigsaws")
+                            "segmentation or pool, not jigsaws")
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     _one_error_line(capsys, "shard folder not found")
     assert not Path(dst).exists()
