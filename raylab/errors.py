@@ -62,7 +62,6 @@ class ResourceError(RaylabError):
 #: Words of the errors that reading a file raises (pyarrow, the file system), and of those
 #: that damaged Parquet data raises (then a full read may find the file).
 _READ_WORDS = ("could not open", "failed to open", "no such file", "not found", "corrupt",
-               "the file is missing",  # raylab's own reading of a store's missing object
                "magic bytes", "deserializ", "unexpected end", "invalid", "ioerror",
                "oserror", "arrowinvalid", "arrowioerror")
 _DAMAGE_WORDS = ("corrupt", "snappy", "zstd", "thrift", "deserializ", "unexpected end",
@@ -70,6 +69,8 @@ _DAMAGE_WORDS = ("corrupt", "snappy", "zstd", "thrift", "deserializ", "unexpecte
 #: A file path ending in .parquet: it has a "/" (so that module names such as Ray's
 #: ``ray.data._internal.datasource_v2.formats.parquet`` in a traceback are not taken for one).
 _SHARD_IN_TEXT = re.compile(r"""[^\s'"`(),\[\]{}<>]*/[^\s'"`(),\[\]{}<>]*\.parquet\b""")
+#: The line a traceback shows for a DataError naming a shard: "...DataError: <shard>: <reason>".
+_DATA_ERROR_LINE = re.compile(rf"\bDataError: ({_SHARD_IN_TEXT.pattern}): (.+)$")
 #: Local shards totalling at most this many MiB are read in full to find a damaged one
 #: when the error does not name it (after a failed run only).
 DEEP_CHECK_MB = 1024
@@ -154,19 +155,27 @@ def shard_read_error(exc: BaseException, shards: Iterable[str] = (),
                      run_dir: str | None = None) -> DataError | None:
     """A DataError naming the shard file behind a failed run, or None if none is.
 
-    ``exc`` is what ``fit()`` (or Ray Data on the driver) raised; None when it holds a
-    :class:`RaylabError` (which says what is wrong already). ``shards`` are the
-    dataset's input files when known. The file is the first shard named in the error
-    text (pyarrow names the file it could not open), else a regex match ending in
-    ``.parquet``, else, when the error looks like a read error, a known local shard that
-    is now missing or unreadable (footers always; every row when the shards total at
-    most :data:`DEEP_CHECK_MB`). ``run_dir`` is named as where the run's checkpoints
-    and metrics remain.
+    ``exc`` is what ``fit()`` (or Ray Data on the driver) raised. A :class:`DataError`
+    that reading a shard raised inside it (raylab's reader in a Ray Data task) gives the
+    file and the reason; any other :class:`RaylabError` gives None (it says what is
+    wrong already). ``shards`` are the dataset's input files when known. Otherwise the
+    file is the first shard named in the error text (pyarrow names the file it could not
+    open), else a regex match ending in ``.parquet``, else, when the error looks like a
+    read error, a known local shard that is now missing or unreadable (footers always;
+    every row when the shards total at most :data:`DEEP_CHECK_MB`). ``run_dir`` is
+    named as where the run's checkpoints and metrics remain.
     """
-    if any(isinstance(e, RaylabError) for e in exception_chain(exc)):
+    known = [s for s in dict.fromkeys(shards) if s]
+    found = _shard_data_error(exc, known)
+    if found is None and any(isinstance(e, RaylabError) for e in exception_chain(exc)):
         return None  # raylab's own error says what is wrong already
     text = "\n".join(exception_texts(exc))
-    known = [s for s in dict.fromkeys(shards) if s]
+    found = found or _shard_data_error_line(text, known)
+    if found is not None:
+        shard, why = found
+        # A local file as it is now (the probe's words, as below); else as it was read.
+        now = _probe_shard(shard, deep=False) if "://" not in shard else None
+        return _shard_error(shard, now or why, run_dir)
     named = sorted((s for s in known if s in text), key=text.find)
     if not named:
         named = list(dict.fromkeys(_SHARD_IN_TEXT.findall(text)))
@@ -188,7 +197,47 @@ def shard_read_error(exc: BaseException, shards: Iterable[str] = (),
         culprit, reason = _first_bad(local, deep)
     if culprit is None:
         return None
+    return _shard_error(culprit, reason, run_dir)
+
+
+def _shard_error(path: str, reason: str | None, run_dir: str | None) -> DataError:
     kept = (f"; checkpoints and metrics written so far are kept in {run_dir}: restore "
             "the file (or convert the dataset again) and rerun with the same --name to "
             "resume") if run_dir else ""
-    return DataError(f"shard could not be read ({reason}){kept}", path=culprit)
+    return DataError(f"shard could not be read ({reason}){kept}", path=path)
+
+
+def _shard_data_error(exc: BaseException, known: list[str]) -> tuple[str, str] | None:
+    """(path, reason) of a DataError naming a shard in ``exc``'s chain, or None.
+
+    Ray keeps a task's own exception as ``RayTaskError.cause`` (and re-raises it as
+    ``RayTaskError(DataError)``, whose ``cause`` is the original).
+    """
+    for e in exception_chain(exc):
+        cause = getattr(e, "cause", None)
+        error = cause if isinstance(cause, DataError) else e
+        if isinstance(error, DataError) and error.path and _is_shard(error.path, known):
+            return error.path, error.reason
+    return None
+
+
+def _shard_data_error_line(text: str, known: list[str]) -> tuple[str, str] | None:
+    """(path, reason) of a DataError naming a shard, from its line in a traceback text.
+
+    A DataError raised in a Ray Data task does not reach the caller as an object: Ray
+    Data raises ``UserCodeException`` from it, and the chained cause does not survive
+    the pickling back. Ray keeps the task's traceback text (``RayTaskError``'s message),
+    which holds the DataError's line, ``raylab.errors.DataError: <path>: <reason>``.
+    """
+    for line in text.splitlines():
+        for path in known:  # also one whose name has spaces
+            if f"DataError: {path}: " in line:
+                return path, line.split(f"DataError: {path}: ", 1)[1].strip()
+        found = _DATA_ERROR_LINE.search(line)
+        if found:
+            return found[1], found[2].strip()
+    return None
+
+
+def _is_shard(path: str, known: list[str]) -> bool:
+    return path in known or _SHARD_IN_TEXT.fullmatch(path) is not None
