@@ -63,7 +63,6 @@ from typing import Any
 
 import numpy as np
 
-from raylab.config import atomic_write_text
 from raylab.continual.buffers import BUFFERS, ReplayBuffer, buffer_from_state, build_buffer
 from raylab.data import fs
 from raylab.errors import ConfigError, RaylabError
@@ -506,11 +505,7 @@ class StreamProtocol:
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` as JSON, atomically: a temporary file, then a rename;
         in object storage one PUT, which stores all of it or nothing."""
-        text = json.dumps(self.state_dict())
-        if fs.is_uri(path):
-            fs.write_bytes(path, text.encode())
-        else:
-            atomic_write_text(path, text)
+        fs.write_atomic(path, json.dumps(self.state_dict()).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StreamProtocol:

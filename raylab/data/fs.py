@@ -11,6 +11,7 @@ prints or stores credentials.
 from __future__ import annotations
 
 import os
+import tempfile
 from datetime import timedelta
 from typing import Any
 
@@ -150,6 +151,26 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fs, inner = resolve(path)
     with fs.open_output_stream(inner) as stream:
         stream.write(data)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data`` so that a reader sees the old or the new
+    content, never part of it: in a store one PUT (objects are whole or absent); on disk
+    a temporary file in the same folder (created if need be), then ``os.replace``."""
+    if is_uri(path):
+        write_bytes(path, data)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def delete(path: str | os.PathLike) -> None:

@@ -24,7 +24,7 @@ from raylab.data import fs
 from raylab.errors import ConfigError, DataError, RaylabError
 from raylab.registry import get_method
 from raylab.runtime.cluster import check_request, cluster_resources, quiet_ray_data
-from raylab.runtime.options import RunOptions, local_path
+from raylab.runtime.options import RunOptions
 from raylab.runtime.search_space import Dimension
 
 SPEC_FILE = "raylab_tune.json"
@@ -126,12 +126,8 @@ def run_search(method: Any, cfg: Any, options: RunOptions, space: list[Dimension
         "grace_period": grace_period,
         "seed": getattr(cfg, "seed", 0),
     }
-    folder = local_path(storage, experiment)
-    if folder is not None:
-        cfglib.atomic_write_text(folder / SPEC_FILE, json.dumps(spec, indent=2))
-    else:  # one PUT: the object is whole or absent
-        fs.write_bytes(f"{storage.rstrip('/')}/{experiment}/{SPEC_FILE}",
-                       json.dumps(spec, indent=2).encode())
+    fs.write_atomic(fs.join(fs.join(storage, experiment), SPEC_FILE),
+                    json.dumps(spec, indent=2).encode())
     grid = _tuner(spec, storage, restore=False).fit()
     return _finish(spec, grid)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import raylab.config
+import raylab.data.fs
 from raylab.continual.buffers import ClassBalancedBuffer
 from raylab.continual.stream import (
     StreamError,
@@ -294,7 +294,7 @@ def test_a_failed_save_leaves_the_old_file_and_rolls_back(tmp_path: Path,
     def crash(src: str, dst: str) -> None:
         raise OSError("disk gone mid-write")
 
-    monkeypatch.setattr(raylab.config.os, "replace", crash)
+    monkeypatch.setattr(raylab.data.fs.os, "replace", crash)
     with pytest.raises(OSError, match="mid-write"):
         service.finish_bucket(1, row_for(1, [1, 2, 3]))
     monkeypatch.undo()
