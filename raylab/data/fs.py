@@ -50,10 +50,13 @@ def was_uri(path: str | os.PathLike) -> bool:
     return is_uri(text) or any(text.startswith(f"{scheme}:/") for scheme in STORE_SCHEMES)
 
 
-def absolute(path: str | os.PathLike) -> str:
-    """A URI as it is; a local path made absolute (how shard lists name their files)."""
+def absolute(path: str | os.PathLike, resolve_links: bool = False) -> str:
+    """A URI as it is; a local path made absolute (how shard lists name their files),
+    with ``resolve_links`` also without symbolic links (one name per file or folder)."""
     path = os.fspath(path)
-    return path if is_uri(path) else os.path.abspath(path)
+    if is_uri(path):
+        return path
+    return os.path.realpath(path) if resolve_links else os.path.abspath(path)
 
 
 def join(root: str | os.PathLike, name: str) -> str:

@@ -339,3 +339,22 @@ def test_catch_up_adopts_the_unregistered_checkpoint_of_the_streams_last_bucket(
     # No checkpoint registered at all, the stream one bucket in: adopt bucket 1's folder.
     stream = {"buckets": [1, 2, 3, 4], "finished": [1]}
     assert catch_up(stream, None, str(tmp_path), model)["extra"]["stream"]["bucket"] == 1
+
+
+def test_one_stream_actor_per_run_folder(tmp_path: Path, monkeypatch) -> None:
+    """A relative path, an absolute one and one through a symbolic link to the same run
+    folder name one actor (they share the state file); another folder or URI another."""
+    import zlib
+
+    from raylab.methods.clear.method import stream_actor_name
+
+    run = tmp_path / "exp" / "run"
+    run.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "exp")
+    monkeypatch.chdir(tmp_path)
+    name = stream_actor_name(run)
+    assert name == f"clear-stream-{zlib.crc32(str(run.resolve()).encode()):08x}"
+    assert stream_actor_name("exp/run") == stream_actor_name(tmp_path / "link" / "run") == name
+    assert stream_actor_name(tmp_path / "exp" / "other") != name
+    uri = "s3://bucket/exp/run"
+    assert stream_actor_name(uri) == f"clear-stream-{zlib.crc32(uri.encode()):08x}"

@@ -25,7 +25,6 @@ several runs out as the paper's Table 1.
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -117,7 +116,9 @@ def stream_kwargs(cfg: ClearConfig, info: StreamInfo, validate: bool = False
 
 def stream_actor_name(run_folder: str | Path) -> str:
     """The stream actor's name for a run folder (a path or a store URI): one per run."""
-    where = os.fspath(run_folder) if fs.is_uri(run_folder) else str(Path(run_folder).resolve())
+    # Symbolic links resolved: two paths to one folder (so to one state file) name the
+    # same actor.
+    where = fs.absolute(run_folder, resolve_links=True)
     return f"clear-stream-{zlib.crc32(where.encode()):08x}"
 
 
