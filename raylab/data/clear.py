@@ -14,6 +14,9 @@ same class in every bucket. The converted stream is::
     <dst>/bucket_00/       a shard folder (format "clear_bucket"); label -1 when unlabeled
     <dst>/bucket_01/ ...
 
+:func:`write_stream` writes the same format from in-memory Arrow tables (e.g. a stream
+curated from an image pool).
+
 :func:`write_clear_sample` builds a SYNTHETIC stream in the raw layout from any ImageFolder,
 with a gradual, documented appearance and class-prior drift (its README states the formulas).
 """
@@ -24,7 +27,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -255,11 +258,9 @@ def _write_bucket(bucket: _Bucket, names: list[str], folder: Path, bad: list[dic
     prefix = bucket.folder.name + "/"
 
     def extra(_: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"bucket": bucket.bucket, "labeled": bucket.labeled, "class_names": names,
-                "counts": _class_counts(bucket, names, counts),
-                "skipped": sorted((b for b in bad if b["path"].startswith(prefix)),
-                                  key=lambda b: b["path"]),
-                "source": str(bucket.folder.resolve()), "seed": seed}
+        return _bucket_extra(bucket.bucket, bucket.labeled, names, counts,
+                             [b for b in bad if b["path"].startswith(prefix)],
+                             str(bucket.folder.resolve()), seed=seed)
 
     tables = _bucket_tables(bucket, rows_per_shard, seed, bad, counts, skip_bad)
     manifest = write_shards(tables, folder / _bucket_dir(bucket.bucket), format=BUCKET_FORMAT,
@@ -271,9 +272,13 @@ def _write_bucket(bucket: _Bucket, names: list[str], folder: Path, bad: list[dic
     return manifest
 
 
-def _class_counts(bucket: _Bucket, names: list[str], counts: dict[int, int]) -> dict[str, int]:
-    """``{class: n}`` in class order; ``{}`` for an unlabeled bucket."""
-    return {n: counts.get(k, 0) for k, n in enumerate(names)} if bucket.labeled else {}
+def _bucket_extra(bucket: int, labeled: bool, names: list[str], counts: Mapping[int, int],
+                  skipped: list[dict[str, str]], source: str, **more: Any) -> dict[str, Any]:
+    """The ``extra`` of one bucket's shard manifest; ``counts`` are rows per label index
+    (``{class: n}`` in class order is stored; ``{}`` for an unlabeled bucket)."""
+    return {"bucket": bucket, "labeled": labeled, "class_names": names,
+            "counts": {n: counts.get(k, 0) for k, n in enumerate(names)} if labeled else {},
+            "skipped": sorted(skipped, key=lambda b: b["path"]), "source": source, **more}
 
 
 def convert_clear(src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -319,10 +324,11 @@ def convert_clear(src: str | os.PathLike, dst: str | os.PathLike, *,
                    for b in plan}
         if bad and not skip_bad:
             raise _bad_files_error(bad, src)
-        manifest = _stream_manifest(src, names, plan, written, bad, seed,
-                                    {"classes": None if classes is None else names,
-                                     "buckets": None if buckets is None else
-                                     [b.bucket for b in plan]})
+        selection = {"classes": None if classes is None else names,
+                     "buckets": None if buckets is None else [b.bucket for b in plan]}
+        manifest = _stream_manifest(names, written, {b.bucket for b in plan if not b.labeled},
+                                    bad, str(src.resolve()),
+                                    {"seed": seed, "selection": selection})
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     keys = ("rows", "buckets", "bucket_rows", "counts", "class_names", "unlabeled_buckets",
             "skipped")
@@ -330,27 +336,130 @@ def convert_clear(src: str | os.PathLike, dst: str | os.PathLike, *,
             "shards": sum(len(m["shards"]) for m in written.values()), "dst": str(dst)}
 
 
-def _stream_manifest(src: Path, names: list[str], plan: list[_Bucket],
-                     written: dict[int, dict[str, Any]], bad: list[dict[str, str]],
-                     seed: int, selection: dict[str, Any]) -> dict[str, Any]:
-    """The top-level manifest of a converted stream."""
-    return {
+def write_stream(dst: str | os.PathLike, class_names: Sequence[str],
+                 bucket_tables: Mapping[int, pa.Table], *, unlabeled: Collection[int] = (),
+                 source: str, overwrite: bool = False, extra: dict[str, Any] | None = None,
+                 rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, Any]:
+    """Write a stream of :func:`convert_clear`'s format from in-memory Arrow tables.
+
+    Each bucket's table is read once (``bucket_tables[b]``), in bucket order, and not kept,
+    so a lazy mapping holds one bucket in memory at a time. Rows keep their order. The
+    stream is written into a temporary sibling of ``dst`` and renamed at the end.
+
+    Args:
+        dst: Output stream folder.
+        class_names: The classes ``label`` indexes, in every bucket.
+        bucket_tables: ``{bucket: table}`` with exactly the columns of :data:`SCHEMA`
+            (castable types); at least one row per bucket, paths unique in a bucket,
+            ``bucket`` equal to the key, labels in ``0..len(class_names)-1``, or
+            :data:`UNLABELED` in an unlabeled bucket.
+        unlabeled: Buckets without labels (e.g. ``[0]``).
+        source: Where the rows came from, stored as the manifests' ``source``.
+        overwrite: Replace an existing ``dst``.
+        extra: Keys merged into the top-level manifest (after ``source``).
+        rows_per_shard: Rows per Parquet file.
+
+    Returns:
+        The top-level manifest as written (what :func:`read_stream_manifest` returns).
+
+    Raises:
+        ValueError: Malformed arguments or tables (the message names the bucket).
+        DataError: ``dst`` exists and ``overwrite`` is false, or is not writable.
+    """
+    names = list(class_names)
+    order = sorted(bucket_tables)
+    _check_stream_args(names, order, unlabeled)
+    with output_folder(Path(dst), overwrite) as tmp:
+        written: dict[int, dict[str, Any]] = {}
+        for bucket in order:
+            labeled = bucket not in unlabeled
+            table = _stream_table(bucket_tables[bucket], bucket, labeled, len(names))
+            labels = table.column("label").to_numpy()
+            counts = dict(enumerate(np.bincount(labels, minlength=len(names)).tolist())
+                          if labeled else ())
+            written[bucket] = write_shards(
+                [table], tmp / _bucket_dir(bucket), format=BUCKET_FORMAT,
+                extra=_bucket_extra(bucket, labeled, names, counts, [], source),
+                rows_per_shard=rows_per_shard)
+            del table, labels
+        manifest = _stream_manifest(names, written, set(unlabeled), [], source, extra or {})
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _check_stream_args(names: list[str], order: list[Any], unlabeled: Collection[int]) -> None:
+    """Class names unique non-empty strings; bucket ids ints >= 0; ``unlabeled`` among them."""
+    if not names or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        raise ValueError(f"class_names: expected unique non-empty strings, got {names!r}")
+    if not order:
+        raise ValueError("bucket_tables: expected at least one bucket")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in order):
+        raise ValueError(f"bucket_tables: expected integer bucket ids >= 0, got {order!r}")
+    stray = sorted(set(unlabeled) - set(order))
+    if stray:
+        raise ValueError(f"unlabeled: bucket(s) {stray} not in bucket_tables {order}")
+
+
+def _stream_table(table: pa.Table, bucket: int, labeled: bool, n_classes: int) -> pa.Table:
+    """``table`` cast to :data:`SCHEMA`, after checking it can be bucket ``bucket``."""
+    where = f"bucket {bucket}"
+    if not isinstance(table, pa.Table):
+        raise ValueError(f"{where}: expected a pyarrow Table, got {type(table).__name__}")
+    if sorted(table.column_names) != sorted(SCHEMA.names):
+        raise ValueError(f"{where}: expected the columns {', '.join(SCHEMA.names)}, got "
+                         f"{', '.join(table.column_names)}")
+    try:
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{where}: cannot cast to the stream schema ({exc})") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{where}: no rows; expected at least one row per bucket")
+    nulls = [c for c in SCHEMA.names if table.column(c).null_count]
+    if nulls:
+        raise ValueError(f"{where}: null values in column(s) {', '.join(nulls)}")
+    if set(table.column("bucket").to_pylist()) != {bucket}:
+        raise ValueError(f"{where}: the bucket column holds other ids than {bucket}")
+    labels = set(table.column("label").to_pylist())
+    allowed = set(range(n_classes)) if labeled else {UNLABELED}
+    if not labels <= allowed:
+        expected = f"0..{n_classes - 1}" if labeled else f"{UNLABELED} (unlabeled)"
+        raise ValueError(f"{where}: label(s) {sorted(labels - allowed)[:5]}; expected "
+                         f"{expected}")
+    if len(set(table.column("path").to_pylist())) != table.num_rows:
+        raise ValueError(f"{where}: repeated paths; expected one row per path")
+    return table
+
+
+def _stream_manifest(names: list[str], written: dict[int, dict[str, Any]],
+                     unlabeled: Collection[int], skipped: list[dict[str, str]], source: str,
+                     fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level manifest of a stream whose bucket shard folders are ``written``
+    (``{bucket: shard manifest}`` in time order); ``fields`` follow ``source``.
+
+    Raises:
+        ValueError: A key of ``fields`` is one this function writes.
+    """
+    manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "rows": sum(m["rows"] for m in written.values()),
-        "buckets": [b.bucket for b in plan],
-        "bucket_dirs": {str(b.bucket): _bucket_dir(b.bucket) for b in plan},
+        "buckets": list(written),
+        "bucket_dirs": {str(b): _bucket_dir(b) for b in written},
         "bucket_rows": {str(b): m["rows"] for b, m in written.items()},
         "class_names": names,
-        "unlabeled_buckets": [b.bucket for b in plan if not b.labeled],
+        "unlabeled_buckets": [b for b in written if b in unlabeled],
         "counts": {str(b): m["extra"]["counts"] for b, m in written.items()},
         "schema": {f.name: str(f.type) for f in SCHEMA},
-        "skipped": sorted(bad, key=lambda b: b["path"]),
-        "source": str(src.resolve()),
-        "seed": seed,
-        "selection": selection,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "skipped": sorted(skipped, key=lambda b: b["path"]),
+        "source": source,
     }
+    clash = sorted(set(fields) & {*manifest, "created"})
+    if clash:
+        raise ValueError(f"extra manifest key(s) {', '.join(clash)} are written by the stream "
+                         "writer itself; choose other names")
+    return {**manifest, **fields,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 # ------------------------------------------------------------------------------ reading
