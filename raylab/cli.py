@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
               "       raylab data convert coco IMAGES ANNOTATIONS.json DST [--skip-bad] "
               "[--overwrite]\n"
               "       raylab data convert segmentation IMAGES MASKS DST --classes MAP "
-              "[--splits NAME=FOLDER,...] [--five-crop RATIO] [--skip-bad] [--overwrite]")
+              "[--splits NAME=FOLDER,...] [--five-crop RATIO] [--skip-bad] [--overwrite]\n"
+              "       raylab data convert pool IMAGES DST [--timestamps mtime|exif|CSV] "
+              "[--skip-bad] [--overwrite]")
     conv.add_argument("format", choices=list(_CONVERT_PATHS), help="raw dataset format")
     conv.add_argument("paths", nargs="+", metavar="PATH",
                       help="SRC DST; for coco: IMAGES (the image folder) ANNOTATIONS.json "
@@ -73,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "train=train2017,val=val2017 (a bare FOLDER keeps its name)")
     conv.add_argument("--skip-bad", action="store_true",
                       help="skip and record files that are not decodable images "
-                           "(imagefolder, clear), bad annotations and images (coco), or "
-                           "images with a missing or bad mask (segmentation); "
+                           "(imagefolder, clear), bad annotations and images (coco), "
+                           "images with a missing or bad mask (segmentation), or images "
+                           "that do not decode or lack a timestamp (pool); "
                            "default: fail listing them")
     conv.add_argument("--classes", default=None, metavar="A,B|MAP",
                       help="clear: comma-separated class names to keep (default: all); "
@@ -86,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--five-crop", type=float, default=None, metavar="RATIO",
                       help="segmentation: cut each train image into 5 square crops of side "
                            "RATIO * min(height, width), e.g. 0.5 (default: whole images)")
+    conv.add_argument("--timestamps", default=None, metavar="mtime|exif|CSV",
+                      help="pool: each image's time from its file modification time "
+                           "(default), EXIF DateTimeOriginal, or a CSV file with columns "
+                           "path,timestamp (POSIX seconds or ISO 8601; UTC when naive)")
     conv.add_argument("--overwrite", action="store_true")
     insp = dsub.add_parser("inspect", help="what a shard folder holds")
     insp.add_argument("dst")
@@ -168,6 +175,53 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("tasks", nargs="+", metavar="NAME=MODEL",
                         help="a task's name and its run's model folder (<experiment>/run/model)")
 
+    curate = sub.add_parser("curate", help="a CLEAR-style stream from a timestamped image "
+                                           "pool by CLIP retrieval, and its human review")
+    csub = curate.add_subparsers(dest="curate_command", required=True)
+    cclear = csub.add_parser(
+        "clear", help="embed the pool (Ray Data actor pool), bucket by time, rank by CLIP "
+                      "similarity to each class's prompts, write the stream + review page")
+    cclear.add_argument("pool", help="a `raylab data convert pool` shard folder")
+    cclear.add_argument("dst", help="the CLEAR stream folder to write")
+    cclear.add_argument("--queries", required=True,
+                        help="YAML: classes (names, or names -> prompts) and templates")
+    cclear.add_argument("--model", required=True, metavar="open_clip:ARCH",
+                        help="an open_clip architecture, or open_clip:PATH.json for a "
+                             "model config of your own")
+    cclear.add_argument("--checkpoint", required=True,
+                        help="the model's weights, a local file (nothing is downloaded)")
+    cclear.add_argument("--buckets", type=int, default=11,
+                        help="time buckets by timestamp quantiles; bucket 0 is kept "
+                             "unlabeled (default 11, as CLEAR)")
+    cclear.add_argument("--edges", default=None,
+                        help="fixed bucket edges instead: comma-separated ISO dates or "
+                             "POSIX seconds, e.g. 2004-01-01,2005-01-01,2006-01-01")
+    cclear.add_argument("--per-class", type=int, default=100,
+                        help="images per class per labelled bucket, before ambiguous "
+                             "ones are removed")
+    cclear.add_argument("--margin", type=float, default=0.0,
+                        help="an image whose best and second-best class similarities "
+                             "differ by less is ambiguous")
+    cclear.add_argument("--background", type=int, default=None,
+                        help="background images per bucket, from those ranking lowest "
+                             "for every class (default: --per-class; 0: none)")
+    cclear.add_argument("--cache", default=None,
+                        help="embeddings cache root (default POOL/embeddings): curating "
+                             "again with new queries embeds nothing")
+    cclear.add_argument("--actors", type=int, default=1,
+                        help="model replicas in the embedding job (one GPU each where the "
+                             "cluster has GPUs)")
+    cclear.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    cclear.add_argument("--overwrite", action="store_true")
+    cclear.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    cclear.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
+    creview = csub.add_parser("review", help="write DST/review/index.html again")
+    creview.add_argument("dst", help="a curated stream folder")
+    capply = csub.add_parser("apply-review",
+                             help="drop the images a review file rejects from the stream")
+    capply.add_argument("dst", help="a curated stream folder")
+    capply.add_argument("review", help="the review.json the review page saved")
+
     table = sub.add_parser("clear-table", help="the CLEAR paper's Table 1 from finished runs")
     table.add_argument("experiments", nargs="+",
                        help="CLEAR run folders, or folders holding them")
@@ -235,7 +289,7 @@ _SAMPLE_FLAGS = {"classes": ("images", "detection"),
 #: The positional paths each ``data convert`` format takes (the last is the output).
 _CONVERT_PATHS = {"jigsaws": ("SRC", "DST"), "imagefolder": ("SRC", "DST"),
                   "clear": ("SRC", "DST"), "coco": ("IMAGES", "ANNOTATIONS.json", "DST"),
-                  "segmentation": ("IMAGES", "MASKS", "DST")}
+                  "segmentation": ("IMAGES", "MASKS", "DST"), "pool": ("IMAGES", "DST")}
 
 
 def _only_for(args: argparse.Namespace, fmt: str | tuple[str, ...],
@@ -255,8 +309,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "convert":
         _only_for(args, "jigsaws", {"--tasks": args.tasks is not None})
         _only_for(args, ("imagefolder", "segmentation"), {"--splits": args.splits is not None})
-        _only_for(args, ("imagefolder", "clear", "coco", "segmentation"),
+        _only_for(args, ("imagefolder", "clear", "coco", "segmentation", "pool"),
                   {"--skip-bad": args.skip_bad})
+        _only_for(args, "pool", {"--timestamps": args.timestamps is not None})
         _only_for(args, ("clear", "segmentation"), {"--classes": args.classes is not None})
         _only_for(args, "clear", {"--buckets": args.buckets is not None})
         _only_for(args, "segmentation", {"--five-crop": args.five_crop is not None})
@@ -268,6 +323,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             return _convert_coco(args)
         if args.format == "segmentation":
             return _convert_segmentation(args)
+        if args.format == "pool":
+            return _convert_pool(args)
         args.src, args.dst = args.paths
         if args.format == "clear":
             summary = clear.convert_clear(args.src, args.dst, classes=args.classes,
@@ -358,6 +415,20 @@ def _convert_segmentation(args: argparse.Namespace) -> int:
                "five_crop": extra["five_crop"], "skipped": len(skipped),
                "shards": len(manifest["shards"]), "dst": str(dst)}
     print(json.dumps(summary, indent=2))
+    if skipped:
+        print(f"raylab: skipped {len(skipped)} image(s), listed under extra.skipped in "
+              f"{Path(dst) / 'manifest.json'}", file=sys.stderr)
+    return 0
+
+
+def _convert_pool(args: argparse.Namespace) -> int:
+    from raylab.data.pool import convert_pool
+
+    images, dst = args.paths
+    summary = convert_pool(images, dst, timestamps=args.timestamps or "mtime",
+                           skip_bad=args.skip_bad, overwrite=args.overwrite)
+    skipped = summary["skipped"]
+    print(json.dumps({**summary, "skipped": len(skipped)}, indent=2))
     if skipped:
         print(f"raylab: skipped {len(skipped)} image(s), listed under extra.skipped in "
               f"{Path(dst) / 'manifest.json'}", file=sys.stderr)
@@ -482,6 +553,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    if args.curate_command == "review":
+        from raylab.curation.review import write_review
+
+        print(f"review page: {write_review(args.dst)}")
+        return 0
+    if args.curate_command == "apply-review":
+        from raylab.curation.review import apply_review
+
+        done = apply_review(args.dst, args.review)
+        print(f"removed {done['rejected']} rejected image(s): {done['rows_before']} -> "
+              f"{done['rows_after']} rows in {args.dst}; review page rewritten")
+        return 0
+    from raylab.curation.curate import curate_clear
+    from raylab.runtime.cluster import cluster_resources, ensure_ray
+
+    if args.actors < 1:
+        raise ConfigError(f"--actors must be >= 1, got {args.actors}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    edges = None if args.edges is None else [e.strip() for e in args.edges.split(",")
+                                            if e.strip()]
+    ensure_ray(args.address, verbose=args.verbose)
+    resources = cluster_resources()
+    gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    # On CPUs, the actors share the cluster's cores (Ray would give each one thread).
+    threads = None if gpus else max(1, int(resources.get("CPU", 1)) // args.actors)
+    done = curate_clear(args.pool, args.dst, queries=args.queries, model=args.model,
+                        checkpoint=args.checkpoint, buckets=args.buckets, edges=edges,
+                        per_class=args.per_class, margin=args.margin,
+                        background=args.background, cache=args.cache, actors=args.actors,
+                        gpus_per_actor=gpus, batch_size=args.batch_size,
+                        threads=threads, overwrite=args.overwrite)
+    speed = (f"{done['embedded']} embedded at {done['images_per_second']:.1f} img/s"
+             if done["embedded"] else "all from the cache")
+    print(f"embeddings: {speed}, {done['cached']} cached ({done['model_id']})")
+    print(f"{done['rows']} images in {len(done['bucket_rows'])} buckets -> {done['dst']} "
+          f"({done['ambiguous']} ambiguous removed, {done['background']} background, "
+          f"{done['outside_edges']} outside the edges)")
+    print(f"review: {done['review']}; then raylab curate apply-review {args.dst} "
+          f"review.json; train: raylab train clear --data {args.dst}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from raylab.export import export_multitask
 
@@ -524,7 +639,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"methods": cmd_methods, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
             "analyze": cmd_analyze, "clear-table": cmd_clear_table, "assess": cmd_assess,
-            "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench,
+            "predict": cmd_predict, "export": cmd_export, "curate": cmd_curate,
+            "bench": cmd_bench,
             "demo": cmd_demo}
 
 

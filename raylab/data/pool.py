@@ -33,9 +33,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from PIL import ExifTags, Image
 
+from raylab.config import atomic_write_text
 from raylab.data.imagefolder import (
     _EXT_TEXT,
     _bad_files_error,
@@ -369,3 +371,26 @@ def read_pool_manifest(dst: str | os.PathLike) -> dict[str, Any]:
             raise DataError(f"{exc.reason} (an image pool converted with `raylab data "
                             "convert pool IMAGES DST`)", path=exc.path) from None
         raise
+
+
+def write_timestamps_csv(src: str | os.PathLike, csv_path: str | os.PathLike, *,
+                         start: str = "2004-01-01", end: str = "2014-12-31",
+                         seed: int = 0) -> int:
+    """Give every image of ``src`` a SYNTHETIC timestamp, uniform in [start, end), in a CSV
+    that ``convert_pool(..., timestamps=csv_path)`` reads (for tests, benchmarks and a
+    first try of ``raylab curate clear`` on a folder without upload times).
+
+    Returns:
+        The number of images given a time.
+    """
+    src = Path(src)
+    images = [p.relative_to(src).as_posix() for p in _visible_files(src) if _is_image_name(p)]
+    low, high = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp()
+                 for t in (start, end))
+    times = np.random.default_rng(seed).uniform(low, high, size=len(images))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows((rel, f"{t:.0f}") for rel, t in zip(images, times))
+    atomic_write_text(Path(csv_path), out.getvalue())
+    return len(images)

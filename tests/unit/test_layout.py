@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"engine"},
     {"data", "transforms", "losses", "metrics", "optim", "models", "continual", "plots"},
     {"runtime"},
-    {"tasks"},
+    {"tasks", "curation"},
     {"methods"},
     {"api", "bench", "demo", "export"},
     {"cli", "__main__"},
