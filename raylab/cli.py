@@ -578,8 +578,10 @@ def cmd_curate(args: argparse.Namespace) -> int:
     ensure_ray(args.address, verbose=args.verbose)
     resources = cluster_resources()
     gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
-    # On CPUs, the actors share the cluster's cores (Ray would give each one thread).
-    threads = None if gpus else max(1, int(resources.get("CPU", 1)) // args.actors)
+    # On a local cluster's CPUs the actors share this machine's cores (Ray would give
+    # each actor of 1 CPU one thread); on a joined cluster, scale out with --actors.
+    threads = (max(1, (os.cpu_count() or 1) // args.actors)
+               if not gpus and args.address is None else None)
     done = curate_clear(args.pool, args.dst, queries=args.queries, model=args.model,
                         checkpoint=args.checkpoint, buckets=args.buckets, edges=edges,
                         per_class=args.per_class, margin=args.margin,

@@ -11,6 +11,8 @@ returns a JSON-able dict; :func:`run` adds the date and prints it.
 - :mod:`.detection`: Mask R-CNN learning on the synthetic detection sample, and coco128;
 - :mod:`.copy_paste`: Simple Copy-Paste and self-training in the low-data regime, and
   its ingest against a DataLoader;
+- :mod:`.curate`: CLIP embedding of an image pool (CLEAR-style curation) against a
+  plain loop, and curating again from the cache;
 - :mod:`.stego`: STEGO against k-means on raw DINO features, CamVid and coco128;
 - :mod:`.gpu`: step benchmarks on a GPU without Ray (``python -m raylab.bench.gpu``).
 """
@@ -109,6 +111,9 @@ BENCHES: dict[str, Bench] = {
                         "images (AP over seeds)"),
     "ingest-detection": Bench("copy_paste:bench_ingest_detection",
                               "LSJ + copy-paste in Ray Data tasks vs a torch DataLoader"),
+    "curate": Bench("curate:bench_curate",
+                    "CLIP embedding as a Ray Data actor pool (1, 2 actors) vs a plain loop; "
+                    "curating again from cached embeddings"),
     "stego": Bench("stego:bench_stego",
                    "STEGO vs k-means on the same frozen DINO features (CamVid, coco128)"),
 }
