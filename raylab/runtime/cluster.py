@@ -30,6 +30,8 @@ RAY_NOISE = (
     "The given NumPy array is not writable",
     # raylet, when Ray Data's split coordinators and task workers start together
     "worker processes have been started on node",
+    # Ray Data, each time a job starts after raylab turned its progress bars off
+    "Progress bars disabled",
 )
 
 
