@@ -154,3 +154,33 @@ def map_with_actors(ds: Any, fn_class: type, *, constructor_kwargs: dict[str, An
     return ds.map_batches(fn_class, fn_constructor_kwargs=constructor_kwargs,
                           batch_size=batch_size, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=actors), **kwargs)
+
+
+class EpochClock:
+    """The epoch a run's Ray Data tasks produce training rows for, readable in the tasks.
+
+    A dataset is planned once on the driver, but its random augmentation should differ per
+    epoch and be the same again when a resumed run reaches that epoch. The chief sets the
+    clock at the start of every epoch, while no training rows are being produced (the
+    workers wait at a barrier before they ask for the epoch's batches); a ``map_batches``
+    function given the clock as its ``epoch`` reads it once per batch. The value lives
+    in Ray's key-value store under a key of its own, so the clock pickles into tasks.
+    """
+
+    NAMESPACE = "raylab-epoch"
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.key = f"epoch-{uuid.uuid4().hex}"
+
+    def set(self, epoch: int) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self.key, str(int(epoch)), namespace=self.NAMESPACE)
+
+    def __call__(self) -> int:
+        from ray.experimental import internal_kv
+
+        raw = internal_kv._internal_kv_get(self.key, namespace=self.NAMESPACE)
+        return 0 if raw is None else int(raw)

@@ -10,7 +10,7 @@ unpacks them into torchvision's image list and target dicts. numpy/torch only, n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,7 +209,7 @@ def detection_batch_transform(
     *,
     label_map: Mapping[int, int],
     seed: int | None = None,
-    epoch: int = 0,
+    epoch: int | Callable[[], int] = 0,
     with_masks: bool = True,
     copy_paste: CopyPasteParams | None = None,
 ) -> dict[str, np.ndarray]:
@@ -228,7 +228,10 @@ def detection_batch_transform(
         transform: :class:`ScaleJitter` (training) or :class:`ResizePad` (evaluation).
         label_map: Category id to label ``1..K`` (:func:`contiguous_label_map`).
         seed: Base seed, or None.
-        epoch: Mixed into each row's seed.
+        epoch: Mixed into each row's seed: a number, or a function returning the current
+            epoch (read once per batch; e.g. :class:`raylab.runtime.datasets.EpochClock`,
+            so that a dataset planned once draws anew each epoch, and the same again in
+            a resumed run).
         with_masks: False skips mask decoding (box-only, e.g. for evaluation).
         copy_paste: Simple Copy-Paste between the batch's jittered rows
             (:func:`paste_within_batch`), each row's draws from its own generator after
@@ -248,6 +251,8 @@ def detection_batch_transform(
     """
     count = len(batch["image"])
     size = transform.output_size
+    if callable(epoch):
+        epoch = int(epoch())
     rows: list[_Row] = []
     rngs: list[np.random.Generator] = []
     for i in range(count):
@@ -269,7 +274,13 @@ def detection_batch_transform(
                          scale=np.asarray(sample.geometry.scale, np.float64)))
         rngs.append(rng)
     if copy_paste is not None and with_masks:
-        rows = paste_within_batch(rows, rngs, copy_paste)
+        # Paired in image-id order: the same rows in another order (Ray Data's block order
+        # changes every epoch and run) give the same pastes.
+        order = np.argsort(np.asarray(batch["image_id"], np.int64).reshape(-1), kind="stable")
+        pasted = paste_within_batch([rows[k] for k in order], [rngs[k] for k in order],
+                                    copy_paste)
+        for position, k in enumerate(order):
+            rows[k] = pasted[position]
     images = np.empty((count, size, size, 3), np.uint8)
     scale = np.empty((count, 2), np.float64)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in

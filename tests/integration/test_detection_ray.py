@@ -114,3 +114,42 @@ def test_bad_split_folder_is_one_clear_error(ray_cluster, detection_shards: Path
     assert rc != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no coco shard folder for split 'test2017'" in err[0]
+
+
+def test_the_augmentation_stream_follows_the_epoch_clock(ray_cluster,
+                                                        detection_shards: Path) -> None:
+    """What a resumed run relies on: the training rows a dataset planned afresh produces
+    for epoch k (scale jitter and flip) are those the first one produced for k, and
+    another epoch's differ. (Copy-paste partners come from the row's map batch, whose
+    rows follow Ray Data's block order; the same rows give the same pastes whatever
+    their order, tests/unit/test_detection_transforms.py.)"""
+    import hashlib
+
+    from raylab import config as cfglib
+    from raylab.runtime.datasets import EpochClock
+    from raylab.tasks.detection.config import DetectionConfig
+    from raylab.tasks.detection.data import load_detection_data, train_dataset
+
+    cfg = cfglib.apply_overrides(DetectionConfig(), {
+        "data": str(detection_shards), "image_size": 64, "aug.jitter": "lsj",
+        "aug.copy_paste.prob": 0.0, "seed": 5})
+    data = load_detection_data(cfg)
+
+    def epoch_rows(epoch: int) -> dict[int, str]:
+        clock = EpochClock()  # a new run: a new dataset and a new clock
+        ds = train_dataset(data.train_paths, cfg, data.label_map, epoch=clock)
+        clock.set(epoch)
+        rows = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i, image_id in enumerate(batch["image_id"]):
+                digest = hashlib.sha256(batch["image"][i].tobytes())
+                digest.update(batch["boxes"][i].tobytes() + batch["pasted"][i].tobytes())
+                rows[int(image_id)] = digest.hexdigest()
+        return rows
+
+    first = epoch_rows(2)
+    assert len(first) == data.train_rows
+    assert epoch_rows(2) == first
+    other = epoch_rows(3)
+    assert other.keys() == first.keys()
+    assert sum(other[k] != first[k] for k in first) == len(first)

@@ -481,6 +481,30 @@ def test_batch_copy_paste_moves_objects_between_rows_with_their_columns():
         int((out["iscrowd"][i] == 0).sum()) for i in range(3)]
 
 
+def test_batch_paste_depends_on_the_rows_not_their_order_and_reads_the_epoch_clock():
+    # Ray Data hands a batch's rows in block order, which changes every epoch and run: the
+    # same rows in another order must give every image the same output (a resumed run
+    # then replays an epoch's pastes), and a clock object gives what its epoch number does.
+    scenes = [_scene(), _scene(70, 50), _scene(90, 110), _empty_scene()]
+    batch = _rows(scenes, COCO_CATS, CROWD)
+    tf = ScaleJitter(128, SSJ, flip_prob=0.5)
+    params = CopyPasteParams(prob=1.0, blend=True)
+    out = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=7, epoch=3,
+                                    copy_paste=params)
+    order = np.array([2, 0, 3, 1])
+    shuffled = {k: v[order] for k, v in batch.items()}
+    again = detection_batch_transform(shuffled, tf, label_map=LABEL_MAP, seed=7,
+                                      epoch=lambda: 3, copy_paste=params)
+    assert again["image_id"].tolist() == out["image_id"][order].tolist()
+    for key in out:
+        for position, k in enumerate(order):
+            np.testing.assert_array_equal(again[key][position], out[key][k])
+    assert sum(len(p) and p.any() for p in out["pasted"]) > 0
+    other = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=7,
+                                      epoch=lambda: 4, copy_paste=params)
+    assert not np.array_equal(other["image"], out["image"])
+
+
 def test_batch_transform_eval_without_masks_round_trips_boxes():
     batch = _rows([_scene(), _scene(70, 50)], COCO_CATS, CROWD)
     out = detection_batch_transform(batch, ResizePad(160), label_map=LABEL_MAP,

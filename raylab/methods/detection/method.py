@@ -27,6 +27,7 @@ from raylab.methods.base import Method, PlanResult, RunPlan
 from raylab.metrics.detection import AP_KEYS, frequency_bins
 from raylab.models.freeze import freeze_summary
 from raylab.registry import register_method
+from raylab.runtime.datasets import EpochClock
 from raylab.runtime.options import RunOptions
 from raylab.tasks.detection.config import DetectionConfig
 from raylab.tasks.detection.data import (
@@ -98,17 +99,19 @@ class DetectionMethod(Method):
         labels = data.label_map
         # Pseudo-labeled images (self-training) join the training rows only.
         train_paths = data.train_paths + data.pseudo_paths
+        # The augmentation draws follow the epoch the chief sets (a resumed run replays them).
+        clock = EpochClock()
         if plan.split == VAL:
-            train = train_dataset(train_paths, cfg, labels, hold_out=False)
+            train = train_dataset(train_paths, cfg, labels, hold_out=False, epoch=clock)
             evaluate = eval_dataset(data.train_paths, cfg, labels, hold_out=True)
             train_rows = data.train_rows + data.pseudo_rows - len(plan.data)
         else:
-            train = train_dataset(train_paths, cfg, labels)
+            train = train_dataset(train_paths, cfg, labels, epoch=clock)
             evaluate = eval_dataset(data.eval_paths, cfg, labels)
             train_rows = data.train_rows + data.pseudo_rows
         if cfg.max_train_rows:
             train_rows = min(train_rows, cfg.max_train_rows)
-        args = {"categories": data.categories, "train_rows": train_rows,
+        args = {"categories": data.categories, "train_rows": train_rows, "epoch_clock": clock,
                 "checkpoint_meta": checkpoint_meta(cfg, data),
                 "ap_bins": None if data.train_counts is None else frequency_bins(
                     data.train_counts, cfg.frequency_ranges())}

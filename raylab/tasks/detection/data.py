@@ -12,6 +12,7 @@ truth of exactly the rows it scored: no shared file, and a row count to check.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,15 +194,23 @@ def train_transform(cfg: DetectionConfig) -> ScaleJitter | ResizePad:
 
 
 def train_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
-                  hold_out: bool | None = None) -> Any:
-    """Training rows, jittered anew in every epoch (fresh random draws per task), with
-    Simple Copy-Paste between the rows of each batch of 8 when ``aug.copy_paste.prob``.
+                  hold_out: bool | None = None,
+                  epoch: Callable[[], int] | None = None) -> Any:
+    """Training rows, jittered anew in every epoch, with Simple Copy-Paste between the
+    rows of each batch of 8 when ``aug.copy_paste.prob``.
 
     ``hold_out``: None keeps every row; False drops the validation share (a Tune trial).
+    ``epoch``: the run's epoch clock (:class:`raylab.runtime.datasets.EpochClock`): each
+    image's jitter, flip and paste draws come from ``(cfg.seed, epoch, image id)``, so a
+    resumed run jitters every image of an epoch as the uninterrupted run did. A paste's
+    partner is drawn among the rows of the image's map batch, whose members follow Ray
+    Data's block order (random per epoch): the same rows give the same pastes in any
+    order, other rows other pastes. Without a clock, fresh entropy.
     """
     ds = _rows(paths, cfg, training=True, hold_out=hold_out)
     return ds.map_batches(detection_batch_transform, fn_kwargs=dict(
-        transform=train_transform(cfg), label_map=label_map, seed=None,
+        transform=train_transform(cfg), label_map=label_map,
+        seed=None if epoch is None else cfg.seed, epoch=0 if epoch is None else epoch,
         copy_paste=cfg.aug.copy_paste.params()),
         batch_format="numpy", batch_size=TRAIN_MAP_BATCH)
 

@@ -84,6 +84,8 @@ class DetectionTask(Task):
         self.epochs = o.epochs
         self.checkpoint_every = cfg.checkpoint_every
         self.meta = run["checkpoint_meta"]
+        #: Sets the epoch the Ray Data augmentation draws for (None: unseeded draws).
+        self.epoch_clock = run.get("epoch_clock")
         self.model = ctx.prepare_model(build_model(cfg, len(self.categories) + 1))
         self.inner = getattr(self.model, "module", self.model)
         self.optimizer = build_optimizer(self.inner, "adamw", lr=o.effective_lr,
@@ -115,6 +117,10 @@ class DetectionTask(Task):
 
     def start_epoch(self, epoch: int) -> None:
         self.model.train()
+        if self.epoch_clock is not None:  # before any worker asks for the epoch's rows
+            if self.ctx.is_chief:
+                self.epoch_clock.set(epoch)
+            self.ctx.barrier()
 
     def batches(self, epoch: int) -> Any:
         return self.train.epoch(epoch)
