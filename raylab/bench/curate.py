@@ -52,19 +52,15 @@ def plain_loop(pool: Path, checkpoint: str, batch: int = BATCH) -> dict[str, flo
     """The baseline: one process, every core, the same model, decode and batch size."""
     start = time.perf_counter()
     embedder = ImageEmbedder(ARCH, checkpoint, device="cpu", threads=CORES)
-    images, first = 0, None
+    images = 0
     for shard in shard_paths(pool):
         table = pq.read_table(shard, columns=["image", "path"])
         for offset in range(0, table.num_rows, batch):
             rows = table.slice(offset, batch).to_pydict()
             out = embedder({"image": rows["image"], "path": rows["path"]})
             images += len(out["embedding"])
-            if first is None:
-                first = (time.perf_counter() - start, images)
     seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "images_per_second": images / seconds,
-            "first_batch_seconds": first[0],
-            "steady_images_per_second": (images - first[1]) / (seconds - first[0])}
+    return {"images": images, "seconds": seconds, "images_per_second": images / seconds}
 
 
 def _pool(opts: BenchOptions, per_class: int = PER_CLASS) -> Path:
@@ -106,12 +102,9 @@ def bench_curate(opts: BenchOptions) -> dict[str, Any]:
                 "arch": arch, "checkpoint": checkpoint, "threads": max(1, CORES // actors)},
                 model=mid, actors=actors, batch_size=BATCH)
             row[f"actors_{actors}"] = {k: done[k] for k in (
-                "embedded", "seconds", "images_per_second", "first_batch_seconds",
-                "steady_images_per_second")}
+                "embedded", "seconds", "images_per_second")}
             row[f"ratio_{actors}"] = (done["images_per_second"]
                                       / row["plain_loop"]["images_per_second"])
-            row[f"steady_ratio_{actors}"] = (done["steady_images_per_second"]
-                                             / row["plain_loop"]["steady_images_per_second"])
         result["rounds"].append(row)
         print(row, flush=True)
     # Curating: the first time embeds nothing more (the cache of the last 1-actor job is

@@ -119,9 +119,8 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
 
     Returns:
         ``embedded`` (images embedded by this call), ``cached`` (images found done),
-        ``seconds`` and ``images_per_second`` (of this call's embedding, start-up
-        included), ``first_batch_seconds`` (the start-up: until the first embeddings
-        arrive) and ``steady_images_per_second`` (after them), ``files``.
+        ``seconds`` and ``images_per_second`` (of this call's embedding, the actors'
+        start-up included), ``files``.
     """
     import ray.data
 
@@ -133,7 +132,6 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
     cached = sum(rows for name, _, rows in parts if name not in expected)
     start = time.perf_counter()
     embedded = 0
-    first: tuple[float, int] | None = None
     if todo:
         ds = ray.data.from_items([{"file": path, "part": name} for name, path, _ in todo],
                                  override_num_blocks=len(todo))
@@ -148,8 +146,6 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
         seen = dict.fromkeys(expected, 0)
         total = sum(expected.values())
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if first is None:  # start-up: Ray Data's plan, the actors, their models
-                first = (time.perf_counter() - start, len(batch["part"]))
             for name in np.unique(batch["part"].astype(str)):
                 mask = batch["part"].astype(str) == name
                 pending[name].append({k: batch[k][mask]
@@ -165,13 +161,9 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
                             f"{', '.join(sorted(pending))} hold; run again to finish",
                             path=pool)
     seconds = time.perf_counter() - start
-    steady = None
-    if first is not None and embedded > first[1] and seconds > first[0]:
-        steady = (embedded - first[1]) / (seconds - first[0])
     return {"embedded": embedded, "cached": cached, "seconds": seconds,
             "images_per_second": embedded / seconds if embedded and seconds > 0 else None,
-            "first_batch_seconds": None if first is None else first[0],
-            "steady_images_per_second": steady, "files": len(parts)}
+            "files": len(parts)}
 
 
 def read_embeddings(cache: str | os.PathLike, pool: str | os.PathLike
