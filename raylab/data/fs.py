@@ -11,12 +11,12 @@ prints or stores credentials.
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import timedelta
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from raylab.config import atomic_write_bytes
 from raylab.errors import DataError
 
 #: pyarrow's messages for a store that refused the request, and what to tell the user.
@@ -162,18 +162,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     a temporary file in the same folder (created if need be), then ``os.replace``."""
     if is_uri(path):
         write_bytes(path, data)
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    else:
+        atomic_write_bytes(path, data)
 
 
 def delete(path: str | os.PathLike) -> None:
