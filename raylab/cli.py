@@ -553,6 +553,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class _EmbeddingProgress:
+    """A line each time the embedding job passes another twentieth of its images (and at
+    its end): images done, img/s and the time left, so that a long job shows it moves."""
+
+    def __init__(self, steps: int = 20) -> None:
+        self.steps = steps
+        self.start = time.perf_counter()
+        self.shown = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done < total and done - self.shown < total / self.steps:
+            return
+        self.shown = done
+        seconds = time.perf_counter() - self.start
+        rate = done / seconds if seconds > 0 else 0.0
+        left = f", {(total - done) / rate:.0f} s left" if rate and done < total else ""
+        print(f"embedded {done}/{total} images ({rate:.1f} img/s{left})", flush=True)
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
     if args.curate_command == "review":
         from raylab.curation.review import write_review
@@ -587,7 +606,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
                         per_class=args.per_class, margin=args.margin,
                         background=args.background, cache=args.cache, actors=args.actors,
                         gpus_per_actor=gpus, batch_size=args.batch_size,
-                        threads=threads, overwrite=args.overwrite)
+                        threads=threads, overwrite=args.overwrite,
+                        progress=_EmbeddingProgress())
     speed = (f"{done['embedded']} embedded at {done['images_per_second']:.1f} img/s"
              if done["embedded"] else "all from the cache")
     print(f"embeddings: {speed}, {done['cached']} cached ({done['model_id']})")

@@ -142,3 +142,15 @@ def test_select_stream_by_hand() -> None:
     with pytest.raises(DataError, match="bucket 1 .* holds no image"):
         select_stream(paths, stamps, scores, np.array([0.0, 10.0, 11.0, 30.0]),
                       per_class=1, margin=0.0, background=1)
+
+
+def test_embedding_progress_prints_a_line_per_twentieth(capsys: pytest.CaptureFixture) -> None:
+    from raylab.cli import _EmbeddingProgress
+
+    progress = _EmbeddingProgress()
+    for done in range(10, 1001, 10):  # a shard of 10 images finishes at a time
+        progress(done, 1000)
+    lines = capsys.readouterr().out.splitlines()
+    # A line once 50 more images are done (1000 / 20), and always at the end.
+    assert [line.split()[1] for line in lines] == [f"{n}/1000" for n in range(50, 1001, 50)]
+    assert "s left" in lines[0] and "s left" not in lines[-1]
