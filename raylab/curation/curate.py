@@ -52,7 +52,7 @@ from raylab.curation.select import (
     select_bucket,
 )
 from raylab.data.clear import SCHEMA, UNLABELED, write_stream
-from raylab.data.shards import output_folder, read_manifest, shard_paths
+from raylab.data.shards import output_folder
 from raylab.errors import ConfigError, DataError
 
 SELECTION = "curation/selection.parquet"
@@ -81,12 +81,12 @@ def _check_args(buckets: int, edges: Sequence[Any] | None, per_class: int) -> No
         raise ConfigError(f"--per-class must be an integer >= 1, got {per_class!r}")
 
 
-def _image_rows(pool: str | os.PathLike, wanted: set[str]) -> dict[str, dict[str, Any]]:
+def _image_rows(shards: list[str], wanted: set[str]) -> dict[str, dict[str, Any]]:
     """``{path: {image, height, width}}`` of the ``wanted`` pool images (read here: the
     selected images are few next to the pool)."""
     found: dict[str, dict[str, Any]] = {}
     values = pa.array(sorted(wanted), pa.string())
-    for shard in shard_paths(pool):
+    for shard in shards:
         table = pq.read_table(shard, columns=["path", "image", "height", "width"])
         table = table.filter(pc.is_in(table.column("path"), value_set=values))
         for row in table.to_pylist():
@@ -184,13 +184,13 @@ def curate_clear(pool: str | os.PathLike, dst: str | os.PathLike, *,
         counts, embedding figures (``embedded``, ``cached``, ``images_per_second``) and
         the time of each stage.
     """
-    from raylab.runtime.embedding import embed_pool, read_embeddings
+    from raylab.runtime.embedding import embed_pool, pool_parts, read_embeddings
 
     _check_args(buckets, edges, per_class)
     parsed = queries if isinstance(queries, Queries) else load_queries(queries)
     arch = parse_model(model)
     weights = check_checkpoint(checkpoint)
-    read_manifest(pool, expected_format="pool")
+    parts = pool_parts(pool)  # the manifest and shards checked once for every stage
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise DataError("output folder already exists (expected a new path, or pass "
@@ -203,9 +203,10 @@ def curate_clear(pool: str | os.PathLike, dst: str | os.PathLike, *,
     t0 = time.perf_counter()
     embedding = embed_pool(pool, cache_dir, embedder=ImageEmbedder, embedder_kwargs={
         "arch": arch, "checkpoint": weights, "threads": threads}, model=mid, actors=actors,
-        gpus_per_actor=gpus_per_actor, batch_size=batch_size, progress=progress)
+        gpus_per_actor=gpus_per_actor, batch_size=batch_size, progress=progress,
+        parts=parts)
     t1 = time.perf_counter()
-    paths, stamps, image_emb = read_embeddings(cache_dir, pool)
+    paths, stamps, image_emb = read_embeddings(cache_dir, parts)
     clip, _, tokenizer = load_clip(arch, weights)
     class_emb = text_embeddings(clip, tokenizer, parsed.prompts)
     scores = cosine_scores(image_emb, class_emb)
@@ -216,7 +217,7 @@ def curate_clear(pool: str | os.PathLike, dst: str | os.PathLike, *,
 
     names = list(parsed.names) + ([BACKGROUND] if chosen["has_background"] else [])
     wanted = {p for rows in chosen["buckets"].values() for p, _ in rows}
-    images = _image_rows(pool, wanted)
+    images = _image_rows([path for _, path, _ in parts], wanted)
     tables = {b: _bucket_table(b, rows, images, seed) for b, rows in chosen["buckets"].items()}
     settings = {
         "pool": str(Path(pool).resolve()), "model": model, "model_id": mid,

@@ -59,7 +59,7 @@ def local_tables(paths: list[str], columns: list[str], materialize_mb: int
     size = local_mib(paths)
     if not materialize_mb or size is None or size > materialize_mb:
         return None
-    return [_read_shard(path, columns) for path in paths]
+    return [read_shard(path, columns) for path in paths]
 
 
 def dataset_from_tables(tables: list[Any], *, shuffle_files: bool) -> Any:
@@ -116,11 +116,11 @@ def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
 
 def _read_shard_batch(batch: Any, columns: list[str]) -> Any:
     """A batch of shard paths -> their rows (``columns``), one file after the other."""
-    tables = [_read_shard(path, columns) for path in batch.column("path").to_pylist()]
+    tables = [read_shard(path, columns) for path in batch.column("path").to_pylist()]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def _read_shard(path: str, columns: list[str]) -> Any:
+def read_shard(path: str, columns: list[str]) -> Any:
     """One shard file's ``columns`` (a path or a store URI) as a pyarrow Table, or a
     DataError naming it (one that is gone, e.g. deleted from the bucket mid-run, as such)."""
     try:

@@ -27,17 +27,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylab.config import atomic_write_text
-from raylab.data.shards import MANIFEST, read_manifest
+from raylab.data.pool import read_pool_manifest
+from raylab.data.shards import MANIFEST
 from raylab.errors import DataError
-from raylab.runtime.datasets import _read_shard, map_with_actors
+from raylab.runtime.datasets import map_with_actors, read_shard
 
 FORMAT = "clip_embeddings"
 COLUMNS = ["image", "path", "timestamp"]
 
 
-def _pool_parts(pool: str | os.PathLike) -> list[tuple[str, str, int]]:
-    """``(file name, absolute path, rows)`` of each pool shard, in manifest order."""
-    manifest = read_manifest(pool, expected_format="pool")
+Part = tuple[str, str, int]
+
+
+def pool_parts(pool: str | os.PathLike) -> list[Part]:
+    """``(file name, absolute path, rows)`` of each pool shard, in manifest order (the
+    manifest and shards checked once; pass the list on rather than reading it again)."""
+    manifest = read_pool_manifest(pool)
     root = Path(pool).resolve()
     return [(s["file"], str(root / s["file"]), int(s["rows"])) for s in manifest["shards"]]
 
@@ -91,7 +96,7 @@ def _read_part_batch(batch: Any) -> Any:
     """A batch of (file, part) rows -> the images of those shard files, tagged by part."""
     tables = []
     for path, part in zip(batch.column("file").to_pylist(), batch.column("part").to_pylist()):
-        table = _read_shard(path, COLUMNS)
+        table = read_shard(path, COLUMNS)
         tables.append(table.append_column("part", pa.array([part] * table.num_rows)))
     return pa.concat_tables(tables)
 
@@ -99,7 +104,8 @@ def _read_part_batch(batch: Any) -> Any:
 def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: type,
                embedder_kwargs: dict[str, Any], model: str, actors: int = 1,
                gpus_per_actor: float = 0.0, batch_size: int = 64, rows_per_block: int = 256,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None,
+               parts: list[Part] | None = None) -> dict[str, Any]:
     """Embed every pool image whose shard is not yet in ``cache``.
 
     Args:
@@ -116,6 +122,7 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
         rows_per_block: Rows per Ray Data block between the read and the actors, so that
             the actors share a shard's rows instead of one actor taking a whole file.
         progress: Called with (images embedded so far, images to embed) as files finish.
+        parts: :func:`pool_parts` of ``pool`` when the caller has them already.
 
     Returns:
         ``embedded`` (images embedded by this call), ``cached`` (images found done),
@@ -125,7 +132,7 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
     import ray.data
 
     cache = Path(cache)
-    parts = _pool_parts(pool)
+    parts = pool_parts(pool) if parts is None else parts
     _check_cache(cache, model, os.fspath(pool), None)
     todo = [p for p in parts if not _done(cache, p[0], p[2])]
     expected = {name: rows for name, _, rows in todo}
@@ -166,16 +173,17 @@ def embed_pool(pool: str | os.PathLike, cache: str | os.PathLike, *, embedder: t
             "files": len(parts)}
 
 
-def read_embeddings(cache: str | os.PathLike, pool: str | os.PathLike
+def read_embeddings(cache: str | os.PathLike, parts: list[Part]
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(paths, timestamps, embeddings)`` of every pool image, in pool shard order.
+    """``(paths, timestamps, embeddings)`` of every pool image, in pool shard order
+    (``parts``: :func:`pool_parts` of the pool).
 
     Raises:
         DataError: A pool shard has no complete embeddings file in ``cache``.
     """
     cache = Path(cache)
     paths, stamps, embs = [], [], []
-    for name, _, rows in _pool_parts(pool):
+    for name, _, rows in parts:
         if not _done(cache, name, rows):
             raise DataError(f"no complete embeddings for pool shard {name}; embed the "
                             "pool first", path=cache)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylab.errors import _READ_WORDS, CheckpointError, DataError, shard_read_error
-from raylab.runtime.datasets import _read_shard
+from raylab.runtime.datasets import read_shard
 
 SHARD = "s3://bucket/jig/part-00000.parquet"
 KEPT = "s3://bucket/runs/del/holdout"
@@ -35,7 +35,7 @@ def _in_a_ray_data_task(error: DataError) -> BaseException:
         text = "".join(traceback.format_exception(wrapped))
         returned = pickle.loads(pickle.dumps(wrapped))
     assert returned.__cause__ is None  # what Ray Data's callers see
-    task_error = RayTaskError("MapBatches(_read_shard_batch)", text, returned, pid=1, ip="x")
+    task_error = RayTaskError("MapBatches(read_shard_batch)", text, returned, pid=1, ip="x")
     return WorkerGroupError(f"[Rank 0]\n{task_error}", {0: task_error.as_instanceof_cause()})
 
 
@@ -80,7 +80,7 @@ def test_a_local_shard_is_described_as_it_is_now(tmp_path: Path) -> None:
     pq.write_table(pa.table({"a": [1, 2]}), shard)
     try:
         shard.unlink()
-        _read_shard(str(shard), ["a"])
+        read_shard(str(shard), ["a"])
     except DataError as e:
         failure = _in_a_ray_data_task(e)
     error = shard_read_error(failure, run_dir="/runs/x/f")
