@@ -563,12 +563,15 @@ class _EmbeddingProgress:
         self.shown = 0
 
     def __call__(self, done: int, total: int) -> None:
+        from raylab.engine.progress import format_duration
+
         if done < total and done - self.shown < total / self.steps:
             return
         self.shown = done
         seconds = time.perf_counter() - self.start
         rate = done / seconds if seconds > 0 else 0.0
-        left = f", {(total - done) / rate:.0f} s left" if rate and done < total else ""
+        left = (f", {format_duration((total - done) / rate)} left" if rate and done < total
+                else "")
         print(f"embedded {done}/{total} images ({rate:.1f} img/s{left})", flush=True)
 
 
