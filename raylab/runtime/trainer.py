@@ -18,6 +18,14 @@ from raylab.runtime.console import ProgressRelay
 from raylab.runtime.logging_callback import MetricsLogger
 from raylab.runtime.options import RunOptions, local_path
 
+#: Seconds between two polls of the workers by Ray Train's controller (Ray's default is
+#: 2.0). A worker's ``ray.train.report`` hands its result over through a queue of one that
+#: only the controller's poll empties, so every epoch shorter than the interval waited for
+#: it: the skill model's ~1.1 s epochs took 2.0 s each (BENCHMARKS.md, "What a user waits
+#: for"). Train passes the driver's value on to its controller; a value the user set wins.
+CONTROLLER_POLL_S = "0.2"
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
 
 def scaling_config(options: RunOptions) -> ray.train.ScalingConfig:
     """``--workers/--cpus-per-worker/--gpus-per-worker`` as a ScalingConfig."""
@@ -111,6 +119,7 @@ def fit(
         raise StorageError("--workers 0 runs in-process and needs local --storage")
     if not in_process:  # a request that can never fit fails here, not after minutes
         check_request(options.workers, options.cpus_per_worker, options.gpus_per_worker)
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
     relay = None
     if progress is not None and not in_process:
         relay = ProgressRelay(progress)

@@ -141,3 +141,18 @@ def test_elastic_workers_validate_and_map_to_a_range() -> None:
     for bad in (RunOptions(workers=3, max_workers=2), RunOptions(workers=0, max_workers=2)):
         with pytest.raises(ConfigError, match="MIN-MAX"):
             bad.validate()
+
+
+def test_the_controller_poll_setting_reaches_ray_trains_controller() -> None:
+    """raylab shortens the Train controller's poll (each report waits for it) through an
+    environment variable that Train copies from the driver to its controller: if Ray
+    renamed it or stopped copying it, the setting would silently do nothing."""
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.execution.controller import controller
+
+    from raylab.runtime.trainer import CONTROLLER_POLL_ENV, CONTROLLER_POLL_S
+
+    assert CONTROLLER_POLL_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert CONTROLLER_POLL_ENV in constants.ENV_VARS_TO_PROPAGATE
+    assert "os.getenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR" in Path(controller.__file__).read_text()
+    assert 0 < float(CONTROLLER_POLL_S) < constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
