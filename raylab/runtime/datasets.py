@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -82,6 +83,17 @@ def dataset_from_tables(tables: list[Any], *, shuffle_files: bool) -> Any:
     make = getattr(ray.data, "from_blocks", None) or ray.data.from_arrow
     ds = make(pieces or tables)
     return ds.randomize_block_order() if shuffle_files else ds
+
+
+def dataset_from_arrays(columns: dict[str, np.ndarray], *, shuffle_blocks: bool) -> Any:
+    """Equal-length numpy columns computed on the driver as a Ray Dataset held in the
+    object store, cut into blocks as :func:`dataset_from_tables` cuts tables. A column of
+    more than one dimension becomes a tensor column (what ``map_batches`` makes of it)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    table = pa.table({name: ArrowTensorArray.from_numpy(values) if values.ndim > 1
+                      else pa.array(values) for name, values in columns.items()})
+    return dataset_from_tables([table], shuffle_files=shuffle_blocks)
 
 
 def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,

@@ -191,3 +191,55 @@ def test_skill_windows_normalised_per_recording(ray_cluster, tmp_path: Path) -> 
         own = (frames - frames.mean(0)) / frames.std(0)
         start = int(row["window_idx"]) * 3
         np.testing.assert_allclose(row["x"], own[start:start + 6], rtol=1e-4, atol=1e-4)
+
+
+def test_skill_windows_cut_on_the_driver_equal_the_ray_data_windows(ray_cluster,
+                                                                    tmp_path: Path) -> None:
+    """Rows the driver holds are windowed there (one numpy pass, no tasks); the windows
+    (values, labels, trial and window indices) are exactly those the Ray Data tasks cut
+    from the same shards, with training-split statistics and per recording."""
+    import numpy as np
+
+    from raylab.methods.skill.config import SkillConfig
+    from raylab.methods.skill.data import (
+        TRIAL_COLUMNS,
+        Trial,
+        TrialRows,
+        table_channel_stats,
+        window_dataset,
+    )
+    from raylab.runtime.datasets import dataset_from_tables, local_tables, stream_shards
+
+    rng = np.random.default_rng(3)
+    paths, trials = [], []
+    for i in range(2):
+        frames = [int(n) for n in rng.integers(12, 40, size=5)]
+        names = [f"s{i}t{j}" for j in range(5)]
+        trials += [Trial(n, f"S{i}", j, j % 3, f) for j, (n, f) in enumerate(zip(names, frames))]
+        path = tmp_path / f"kin-{i}.parquet"
+        pq.write_table(pa.table({
+            "name": names, "n_frames": pa.array(frames, type=pa.int32()),
+            "kinematics": pa.array([rng.normal(j, 2, size=n * 76).astype(np.float32)
+                                    for j, n in enumerate(frames)],
+                                   type=pa.list_(pa.float32()))}), path)
+        paths.append(str(path))
+    chosen = [t for t in trials if t.name not in ("s0t2", "s1t4")]
+    tables = local_tables(paths, TRIAL_COLUMNS, 64)
+    held = TrialRows(dataset_from_tables(tables, shuffle_files=True), tables)
+    streamed = TrialRows(stream_shards(paths, TRIAL_COLUMNS, shuffle_files=True), None)
+
+    def rows_of(ds) -> list[tuple]:
+        return sorted((int(r["trial_idx"]), int(r["window_idx"]), int(r["y"]),
+                       np.asarray(r["x"], dtype=np.float32).tobytes()) for r in ds.take_all())
+
+    stats = table_channel_stats(tables, {t.name for t in chosen})
+    for normalize, st in (("train", stats), ("recording", None)):
+        cfg = SkillConfig(window=10, step=4, normalize=normalize)
+        here, tasks = rows_of(window_dataset(held, chosen, cfg, st)), \
+            rows_of(window_dataset(streamed, chosen, cfg, st))
+        assert len(here) == sum((t.n_frames - 10) // 4 + 1 for t in chosen)
+        assert here == tasks
+    # Windows larger than materialize_mb go through the tasks, as before.
+    big = SkillConfig(window=10, step=4, materialize_mb=0)
+    assert rows_of(window_dataset(held, chosen, big, stats)) == \
+        rows_of(window_dataset(streamed, chosen, big, stats))

@@ -195,14 +195,48 @@ def table_channel_stats(tables: list[Any], names: set[str]) -> ChannelStats:
     return _accumulate(kept).result()
 
 
+def window_bytes(trials: list[Trial], cfg: SkillConfig) -> int:
+    """The size of the windows :class:`TrialWindows` cuts from ``trials`` (float32)."""
+    return window_count(trials, cfg.window, cfg.step) * cfg.window * jigsaws.N_CHANNELS * 4
+
+
 def window_dataset(rows: TrialRows, trials: list[Trial], cfg: SkillConfig,
                    stats: ChannelStats | None) -> Any:
     """The windowed Ray Dataset of ``trials`` (``rows`` from :func:`trial_rows`);
-    ``stats`` None normalises each trial with its own statistics."""
+    ``stats`` None normalises each trial with its own statistics.
+
+    Rows the driver already holds are windowed here when the windows fit in
+    ``materialize_mb``: a fold's windowing is a fraction of a second of numpy, while
+    as Ray Data tasks it cost the first epoch of every fold 1-4 s more (task processes
+    starting beside the Train worker; BENCHMARKS.md, "What a user waits for"). Streamed
+    rows are windowed by Ray Data tasks where they are read.
+    """
     assign = {t.name: (t.label, i) for i, t in enumerate(trials)}
+    windows = TrialWindows(assign, cfg.window, cfg.step,
+                           None if stats is None else stats.to_dict())
+    if rows.tables is not None and window_bytes(trials, cfg) <= cfg.materialize_mb << 20:
+        return rd.dataset_from_arrays(windows_of_tables(rows.tables, windows),
+                                      shuffle_blocks=True)
     # Filtering before windowing keeps batches non-empty: Ray Data cannot store an empty
     # batch of [0, W, C] tensors as a tensor column and would fall back to pickling.
     ds = rd.keep_rows(rows.dataset, "name", set(assign))
-    windows = TrialWindows(assign, cfg.window, cfg.step,
-                           None if stats is None else stats.to_dict())
     return ds.map_batches(windows, batch_format="numpy", batch_size=16)
+
+
+def windows_of_tables(tables: list[Any], windows: TrialWindows) -> dict[str, np.ndarray]:
+    """``windows`` applied to the rows of pyarrow Tables (``name``, ``n_frames``, flat
+    ``kinematics``) here, as Ray Data applies it to their numpy batches."""
+    wanted = pa.array(sorted(windows.assign), type=pa.string())
+    parts = []
+    for table in tables:
+        kept = table.filter(pc.is_in(table["name"], value_set=wanted))
+        if kept.num_rows:
+            parts.append(windows({
+                "name": kept["name"].to_numpy(zero_copy_only=False),
+                "n_frames": kept["n_frames"].to_numpy(zero_copy_only=False),
+                "kinematics": np.array([np.asarray(k, dtype=np.float32) for k in
+                                        kept["kinematics"].to_numpy(zero_copy_only=False)],
+                                       dtype=object)}))
+    if not parts:
+        raise DataError(f"none of the trials {sorted(windows.assign)[:3]} ... is in the shards")
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
