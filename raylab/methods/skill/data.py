@@ -1,8 +1,10 @@
 """The skill method's data on the driver: trials, folds, z-norm statistics, window datasets.
 
 JIGSAWS shards hold one row per trial. The driver reads the small columns to label trials
-and cut folds; Ray Data then selects a fold's trials, z-normalises them with statistics
-of the fold's training trials and cuts windows in ``map_batches`` (:class:`TrialWindows`).
+and cut folds; a fold's trials are then selected, z-normalised with statistics of the
+fold's training trials and cut into windows (:class:`TrialWindows`): on the driver when it
+holds the rows and the windows fit in ``materialize_mb``, else in Ray Data ``map_batches``
+tasks where the rows are read.
 """
 
 from __future__ import annotations

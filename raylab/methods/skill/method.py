@@ -5,8 +5,9 @@ objective skill evaluation in robot-assisted surgery", IJCARS 2018 (arXiv 1806.0
 Checked against the paper's description (10-layer CNN, W=60/L=30 windows, z-normalised
 kinematics, LOSO) and, for the validation schemes, against hfawaz/miccai18.
 
-Data flow: JIGSAWS shards (one row per trial) -> Ray Data selects the fold's trials,
-z-normalises with training-split statistics and cuts windows (:mod:`.data`) -> Train
+Data flow: JIGSAWS shards (one row per trial) -> the fold's trials are selected,
+z-normalised with training-split statistics and cut into windows (:mod:`.data`: on the
+driver for a small shard set, in Ray Data tasks for one that streams) -> Train
 workers fit :class:`~raylab.models.skillnet.SkillNet` (:mod:`.task`) -> each worker
 evaluates its share of the held-out windows; confusion counts and per-trial votes are
 summed over workers -> the driver pools the folds into the report.
