@@ -190,11 +190,15 @@ def channel_stats(rows: TrialRows, names: set[str]) -> ChannelStats:
     return total.result()
 
 
+def tables_of_trials(tables: list[Any], names: set[str] | dict[str, Any]) -> list[Any]:
+    """The rows of pyarrow Tables whose ``name`` is one of ``names``."""
+    wanted = pa.array(sorted(names), type=pa.string())
+    return [t.filter(pc.is_in(t["name"], value_set=wanted)) for t in tables]
+
+
 def table_channel_stats(tables: list[Any], names: set[str]) -> ChannelStats:
     """:func:`channel_stats` over pyarrow Tables with ``name`` and flat ``kinematics``."""
-    wanted = pa.array(sorted(names), type=pa.string())
-    kept = [t.filter(pc.is_in(t["name"], value_set=wanted)) for t in tables]
-    return _accumulate(kept).result()
+    return _accumulate(tables_of_trials(tables, names)).result()
 
 
 def window_bytes(trials: list[Trial], cfg: SkillConfig) -> int:
@@ -228,17 +232,9 @@ def window_dataset(rows: TrialRows, trials: list[Trial], cfg: SkillConfig,
 def windows_of_tables(tables: list[Any], windows: TrialWindows) -> dict[str, np.ndarray]:
     """``windows`` applied to the rows of pyarrow Tables (``name``, ``n_frames``, flat
     ``kinematics``) here, as Ray Data applies it to their numpy batches."""
-    wanted = pa.array(sorted(windows.assign), type=pa.string())
-    parts = []
-    for table in tables:
-        kept = table.filter(pc.is_in(table["name"], value_set=wanted))
-        if kept.num_rows:
-            parts.append(windows({
-                "name": kept["name"].to_numpy(zero_copy_only=False),
-                "n_frames": kept["n_frames"].to_numpy(zero_copy_only=False),
-                "kinematics": np.array([np.asarray(k, dtype=np.float32) for k in
-                                        kept["kinematics"].to_numpy(zero_copy_only=False)],
-                                       dtype=object)}))
+    parts = [windows({column: kept[column].to_numpy(zero_copy_only=False)
+                      for column in TRIAL_COLUMNS})
+             for kept in tables_of_trials(tables, windows.assign) if kept.num_rows]
     if not parts:
         raise DataError(f"none of the trials {sorted(windows.assign)[:3]} ... is in the shards")
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
