@@ -33,7 +33,11 @@ from raylab.optim import build_optimizer
 from raylab.runtime.cluster import ensure_ray
 from raylab.tasks.detection.data import load_detection_data, read_batch, train_transform
 from raylab.tasks.detection.task import LOSS_KEYS, build_model, lr_schedule
-from raylab.transforms.detection_batch import detection_batch_transform, to_torchvision_targets
+from raylab.transforms.detection_batch import (
+    detection_batch_transform,
+    to_torchvision_targets,
+    with_partners,
+)
 
 #: A CPU budget on the 128 px sample: what each model trains with (besides its own keys).
 #: From random init, so no layer-wise lr decay (a fine-tuning device) and a larger lr.
@@ -71,6 +75,10 @@ class JitterCollate:
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
         picked = {k: v[rows] for k, v in self.batch.items()}
+        if self.copy_paste is not None:
+            # Each image's partner drawn from the whole split, as a Dataset that loads a
+            # second random image per sample does.
+            picked = with_partners(picked, self.batch, prob=self.copy_paste.prob, seed=None)
         return detection_batch_transform(picked, self.transform, label_map=self.label_map,
                                          seed=None, copy_paste=self.copy_paste)
 

@@ -16,6 +16,7 @@ under 0.3 s this way (BENCHMARKS.md, "Platform overhead").
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,8 @@ def dataset_from_arrays(columns: dict[str, np.ndarray], *, shuffle_blocks: bool)
 
 
 def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
-                  rows_per_block: int | None = None) -> Any:
+                  rows_per_block: int | None = None,
+                  per_file: Callable[[Any, str], Any] | None = None) -> Any:
     """A Ray Dataset that reads ``columns`` of the files again in every epoch.
 
     Each file is read by one task of a plain map over the list of paths, not by
@@ -112,6 +114,9 @@ def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
     ``rows_per_block`` inserts Ray Data's streaming repartition (no shuffle, no barrier:
     a block is cut as it arrives), so that the expensive per-row stage that follows
     (decoding, jitter, copy-paste) spreads over small blocks.
+
+    ``per_file(table, path)``, when given, runs in the read task on each file's rows
+    before they are cut (e.g. a filter, or a draw among the rows of that file).
     """
     import ray.data
 
@@ -119,16 +124,21 @@ def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
                              override_num_blocks=max(len(paths), 1))
     if shuffle_files:
         ds = ds.randomize_block_order()
-    ds = ds.map_batches(_read_shard_batch, fn_kwargs={"columns": list(columns)},
+    ds = ds.map_batches(_read_shard_batch, fn_kwargs={"columns": list(columns),
+                                                      "per_file": per_file},
                         batch_size=1, batch_format="pyarrow")
     if rows_per_block:
         ds = ds.repartition(target_num_rows_per_block=int(rows_per_block))
     return ds
 
 
-def _read_shard_batch(batch: Any, columns: list[str]) -> Any:
+def _read_shard_batch(batch: Any, columns: list[str],
+                      per_file: Callable[[Any, str], Any] | None = None) -> Any:
     """A batch of shard paths -> their rows (``columns``), one file after the other."""
-    tables = [read_shard(path, columns) for path in batch.column("path").to_pylist()]
+    paths = batch.column("path").to_pylist()
+    tables = [read_shard(path, columns) for path in paths]
+    if per_file is not None:
+        tables = [per_file(table, path) for table, path in zip(tables, paths)]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
@@ -141,6 +151,24 @@ def read_shard(path: str, columns: list[str]) -> Any:
         raise DataError("the file is missing", path=path) from None
     except (OSError, pa.ArrowException) as exc:
         raise unreadable_shard(path, exc) from None
+
+
+class WithTable:
+    """A Ray Data batch function ``fn(batch, table)`` given a table held once in the
+    object store: the table is put there when this is built (on the driver) and read
+    without a copy in each task (Arrow buffers), instead of being pickled into every
+    task with the function. E.g. a whole split that each row draws a partner from."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any], table: Any) -> None:
+        import ray
+
+        self.fn = fn
+        self.ref = ray.put(table)
+
+    def __call__(self, batch: Any) -> Any:
+        import ray
+
+        return self.fn(batch, ray.get(self.ref))
 
 
 def keep_rows(ds: Any, column: str, values: set[str] | list[str]) -> Any:

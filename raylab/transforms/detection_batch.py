@@ -132,12 +132,19 @@ def _transform_row(batch: Mapping[str, Any], i: int, transform: ScaleJitter | Re
     return transform(image, boxes, masks, labels, iscrowd, rng=rng)
 
 
+def _row_rng(seed: int | None, epoch: int, image_id: Any) -> np.random.Generator:
+    """An image's generator for an epoch (its jitter, flip and paste subset draws)."""
+    return np.random.default_rng(None if seed is None else [seed, epoch,
+                                                            int(image_id) % 2**63])
+
+
 @dataclass
 class CopyPasteParams:
-    """Simple Copy-Paste inside a batch (:func:`paste_within_batch`).
+    """Simple Copy-Paste between training rows (:func:`draw_partners`, then
+    :func:`detection_batch_transform`).
 
     Attributes:
-        prob: Each row's chance to receive objects from another row of its batch.
+        prob: Each row's chance to receive objects from another image of the pool.
         blend, sigma, box_thr, area_thr: As :func:`raylab.transforms.copy_paste.copy_paste`.
     """
 
@@ -162,40 +169,125 @@ class _Row:
     scale: np.ndarray
 
 
-def paste_within_batch(rows: list[_Row], rngs: list[np.random.Generator],
-                       params: CopyPasteParams) -> list[_Row]:
-    """Copy-paste between the rows of one batch, each already jittered on its own.
+#: The columns of a row that travel with it as a paste partner, each prefixed with
+#: :data:`PARTNER_PREFIX`; :data:`PARTNER_ID` is -1 for a row that receives no paste.
+PARTNER_COLUMNS = ("image_id", "file_name", "image", "width", "height", "ann_ids",
+                   "category_ids", "boxes", "iscrowd", "masks")
+PARTNER_PREFIX = "partner_"
+PARTNER_ID = PARTNER_PREFIX + "image_id"
+#: Mixed into a row's partner draw: a stream apart from its jitter's ``[seed, epoch, id]``.
+_PARTNER_STREAM = 1
 
-    Row ``i`` (with probability ``params.prob``, drawn from ``rngs[i]``) receives a random
-    subset of the objects of another row ``j`` of the batch (uniform over the others),
-    taken from ``j`` *before* any paste. Rows without masks neither give nor receive.
-    Crowd flags and annotation ids follow their objects.
+
+def draw_partners(image_ids: Any, pool_ids: Any, *, prob: float, seed: int | None,
+                  epoch: int) -> np.ndarray:
+    """For each row, the position in the pool of the image whose objects it receives, or -1.
+
+    Row ``x`` draws from ``default_rng([seed, epoch, x, 1])`` alone: with probability
+    ``prob`` it gets a partner uniform over the pool's other images. So the draw depends
+    on the row, the epoch and the pool, never on which rows share its batch or block
+    (a resumed run replays an epoch's pastes). ``seed=None``: fresh entropy.
     """
-    out = list(rows)
-    count = len(rows)
-    for i, rng in enumerate(rngs):
-        if count < 2 or rng.random() >= params.prob:
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    pool = np.asarray(pool_ids, dtype=np.int64).reshape(-1)
+    order = np.argsort(pool, kind="stable")
+    out = np.full(len(ids), -1, np.int64)
+    for r, image_id in enumerate(ids):
+        rng = np.random.default_rng(None if seed is None else
+                                    [seed, epoch, int(image_id) % 2**63, _PARTNER_STREAM])
+        if rng.random() >= prob:
             continue
-        j = (i + 1 + int(rng.integers(count - 1))) % count
-        dst, src = rows[i], rows[j]
-        if dst.masks is None or src.masks is None:
+        at = int(np.searchsorted(pool, image_id, sorter=order)) if len(pool) else 0
+        own = int(order[at]) if at < len(pool) and pool[order[at]] == image_id else None
+        others = len(pool) - (own is not None)
+        if others < 1:
             continue
-        pasted = paste_objects(_four(dst), _four(src), rng, blend=params.blend,
-                            sigma=params.sigma, box_thr=params.box_thr,
-                            area_thr=params.area_thr)
-        own = ~pasted["pasted"]
-        idx = pasted["source"]
-
-        def follow(a: np.ndarray, b: np.ndarray, own: np.ndarray = own,
-                   idx: np.ndarray = idx) -> np.ndarray:
-            return np.concatenate([a[idx[own]], b[idx[~own]]])
-
-        out[i] = _Row(image=pasted["image"], boxes=pasted["boxes"],
-                      masks=pasted["masks"].astype(np.uint8), labels=pasted["labels"],
-                      iscrowd=follow(dst.iscrowd, src.iscrowd),
-                      ann_ids=follow(dst.ann_ids, src.ann_ids),
-                      pasted=pasted["pasted"].astype(np.uint8), scale=dst.scale)
+        k = int(rng.integers(others))
+        out[r] = k + 1 if own is not None and k >= own else k
     return out
+
+
+def with_partners(batch: Mapping[str, Any], pool: Mapping[str, Any], *, prob: float,
+                  seed: int | None, epoch: int | Callable[[], int] = 0) -> dict[str, Any]:
+    """``batch`` (numpy columns) plus each row's paste partner drawn from ``pool`` (numpy
+    columns, e.g. the whole training split): :data:`PARTNER_ID` and the partner's
+    :data:`PARTNER_COLUMNS` under :data:`PARTNER_PREFIX` (see :func:`draw_partners`).
+    What :func:`detection_batch_transform` reads to paste; the pyarrow twin for Ray Data
+    is :func:`with_partner_table`."""
+    if callable(epoch):
+        epoch = int(epoch())
+    pool_ids = np.asarray(pool["image_id"], np.int64).reshape(-1)
+    idx = draw_partners(batch["image_id"], pool_ids, prob=prob, seed=seed, epoch=epoch)
+    out = dict(batch)
+    take = np.maximum(idx, 0)
+    for key in PARTNER_COLUMNS:
+        column = np.asarray(pool[key]) if len(pool_ids) else np.zeros(1, object)
+        out[PARTNER_PREFIX + key] = column[take if len(pool_ids) else np.zeros_like(take)]
+    out[PARTNER_ID] = np.where(idx >= 0, pool_ids[take] if len(pool_ids) else -1, -1)
+    return out
+
+
+def with_partner_table(rows: Any, pool: Any, *, prob: float, seed: int | None,
+                       epoch: int | Callable[[], int] = 0) -> Any:
+    """:func:`with_partners` for pyarrow Tables (Ray Data's ``batch_format="pyarrow"``):
+    the partner's columns are taken from ``pool`` by Arrow (no copy through Python), null
+    for rows without a partner."""
+    import pyarrow as pa
+
+    if callable(epoch):
+        epoch = int(epoch())
+    pool_ids = pool.column("image_id").to_numpy()
+    idx = draw_partners(rows.column("image_id").to_numpy(), pool_ids, prob=prob,
+                        seed=seed, epoch=epoch)
+    picked = pool.select(list(PARTNER_COLUMNS)).take(pa.array(idx, mask=idx < 0))
+    for key in PARTNER_COLUMNS:
+        name = PARTNER_ID if key == "image_id" else PARTNER_PREFIX + key
+        column = picked.column(key)
+        if key == "image_id":
+            column = pa.array(np.where(idx >= 0, np.asarray(column.fill_null(-1)), -1),
+                              pa.int64())
+        rows = rows.append_column(name, column)
+    return rows
+
+
+def _paste_into(dst: _Row, src: _Row, rng: np.random.Generator,
+                params: CopyPasteParams) -> _Row:
+    """``dst`` with a random subset of ``src``'s objects pasted on (draws from ``rng``);
+    crowd flags and annotation ids follow their objects."""
+    pasted = paste_objects(_four(dst), _four(src), rng, blend=params.blend,
+                           sigma=params.sigma, box_thr=params.box_thr,
+                           area_thr=params.area_thr)
+    own = ~pasted["pasted"]
+    idx = pasted["source"]
+
+    def follow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[idx[own]], b[idx[~own]]])
+
+    return _Row(image=pasted["image"], boxes=pasted["boxes"],
+                masks=pasted["masks"].astype(np.uint8), labels=pasted["labels"],
+                iscrowd=follow(dst.iscrowd, src.iscrowd),
+                ann_ids=follow(dst.ann_ids, src.ann_ids),
+                pasted=pasted["pasted"].astype(np.uint8), scale=dst.scale)
+
+
+def _jittered_row(batch: Mapping[str, Any], i: int, transform: ScaleJitter | ResizePad,
+                  label_map: Mapping[int, int], rng: np.random.Generator,
+                  with_masks: bool) -> _Row:
+    sample = _transform_row(batch, i, transform, label_map, rng, with_masks)
+    size = transform.output_size
+    ann_ids = np.asarray(batch["ann_ids"][i], dtype=np.int64).reshape(-1)
+    n = len(sample.boxes)
+    return _Row(image=sample.image, boxes=sample.boxes.reshape(-1, 4),
+                # An image without objects can still receive pasted ones.
+                masks=np.zeros((0, size, size), np.uint8) if with_masks and not n
+                else sample.masks,
+                labels=np.asarray(sample.labels if sample.labels is not None
+                                  else np.zeros(0), np.int64),
+                iscrowd=np.asarray(sample.iscrowd if sample.iscrowd is not None
+                                   else np.zeros(0), np.uint8),
+                ann_ids=ann_ids[sample.keep] if ann_ids.size else ann_ids,
+                pasted=np.zeros(n, np.uint8),
+                scale=np.asarray(sample.geometry.scale, np.float64))
 
 
 def _four(row: _Row) -> dict[str, np.ndarray]:
@@ -233,54 +325,47 @@ def detection_batch_transform(
             so that a dataset planned once draws anew each epoch, and the same again in
             a resumed run).
         with_masks: False skips mask decoding (box-only, e.g. for evaluation).
-        copy_paste: Simple Copy-Paste between the batch's jittered rows
-            (:func:`paste_within_batch`), each row's draws from its own generator after
-            its jitter; None: no paste.
+        copy_paste: Simple Copy-Paste: a row whose :data:`PARTNER_ID` is not -1 (the
+            columns :func:`with_partners` adds) receives a random subset of the objects
+            of its partner, jittered with the partner's own generator (so as the partner
+            itself is this epoch); the subset comes from the row's generator after its
+            jitter. None: no paste (partner columns, if any, are ignored).
 
     Returns:
         ``image`` uint8 ``[B, S, S, 3]``; ``image_id`` int64, ``height``/``width`` int32
         (original) and ``scale`` float64 ``[B, 2]`` (``sy, sx``); per row (object arrays of
         1-D arrays): ``boxes`` float32 ``n*4`` ``xyxy``, ``labels`` int64, ``iscrowd`` uint8,
         ``ann_ids`` int64 (a pasted object keeps its source's), ``pasted`` uint8 (1: pasted
-        from another row), ``masks`` uint8 packed bits and ``mask_windows`` int32 ``n*4``
+        from the partner), ``masks`` uint8 packed bits and ``mask_windows`` int32 ``n*4``
         (:func:`unpack_masks`; empty without masks).
 
     Raises:
         DataError: A row's image or masks do not decode, its columns disagree, or a
             category id is missing from ``label_map`` (the error names the file).
+        ValueError: ``copy_paste`` without the partner columns.
     """
     count = len(batch["image"])
     size = transform.output_size
     if callable(epoch):
         epoch = int(epoch())
+    pasting = copy_paste is not None and with_masks
+    if pasting and PARTNER_ID not in batch:
+        raise ValueError("copy_paste needs each row's partner: attach them first "
+                         "(with_partners / with_partner_table)")
+    partners = {k: batch[PARTNER_PREFIX + k] for k in PARTNER_COLUMNS
+                if k != "image_id"} if pasting else {}
     rows: list[_Row] = []
-    rngs: list[np.random.Generator] = []
     for i in range(count):
-        image_id = int(batch["image_id"][i])
-        rng = np.random.default_rng(None if seed is None else [seed, epoch, image_id % 2**63])
-        sample = _transform_row(batch, i, transform, label_map, rng, with_masks)
-        ann_ids = np.asarray(batch["ann_ids"][i], dtype=np.int64).reshape(-1)
-        n = len(sample.boxes)
-        rows.append(_Row(image=sample.image, boxes=sample.boxes.reshape(-1, 4),
-                         # An image without objects can still receive pasted ones.
-                         masks=np.zeros((0, size, size), np.uint8) if with_masks and not n
-                         else sample.masks,
-                         labels=np.asarray(sample.labels if sample.labels is not None
-                                           else np.zeros(0), np.int64),
-                         iscrowd=np.asarray(sample.iscrowd if sample.iscrowd is not None
-                                            else np.zeros(0), np.uint8),
-                         ann_ids=ann_ids[sample.keep] if ann_ids.size else ann_ids,
-                         pasted=np.zeros(n, np.uint8),
-                         scale=np.asarray(sample.geometry.scale, np.float64)))
-        rngs.append(rng)
-    if copy_paste is not None and with_masks:
-        # Paired in image-id order: the same rows in another order (Ray Data's block order
-        # changes every epoch and run) give the same pastes.
-        order = np.argsort(np.asarray(batch["image_id"], np.int64).reshape(-1), kind="stable")
-        pasted = paste_within_batch([rows[k] for k in order], [rngs[k] for k in order],
-                                    copy_paste)
-        for position, k in enumerate(order):
-            rows[k] = pasted[position]
+        rng = _row_rng(seed, epoch, batch["image_id"][i])
+        row = _jittered_row(batch, i, transform, label_map, rng, with_masks)
+        partner_id = int(batch[PARTNER_ID][i]) if pasting else -1
+        if partner_id >= 0:
+            # The partner jittered with its own draws: the sample it is itself this epoch.
+            view = {**partners, "image_id": batch[PARTNER_ID]}
+            src = _jittered_row(view, i, transform, label_map,
+                                _row_rng(seed, epoch, partner_id), with_masks)
+            row = _paste_into(row, src, rng, copy_paste)
+        rows.append(row)
     images = np.empty((count, size, size, 3), np.uint8)
     scale = np.empty((count, 2), np.float64)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in

@@ -119,11 +119,12 @@ def test_bad_split_folder_is_one_clear_error(ray_cluster, detection_shards: Path
 def test_the_augmentation_stream_follows_the_epoch_clock(ray_cluster,
                                                         detection_shards: Path) -> None:
     """What a resumed run relies on: the training rows a dataset planned afresh produces
-    for epoch k (scale jitter and flip) are those the first one produced for k, and
-    another epoch's differ. (Copy-paste partners come from the row's map batch, whose
-    rows follow Ray Data's block order; the same rows give the same pastes whatever
-    their order, tests/unit/test_detection_transforms.py.)"""
+    for epoch k (scale jitter, flip, paste partner and pasted objects) are those the first
+    one produced for k, whatever Ray Data's block order; another epoch's differ. Held in
+    the object store and streamed from the (one) shard file, the pool is the same 32
+    images, so both paths make the same rows."""
     import hashlib
+    from dataclasses import replace
 
     from raylab import config as cfglib
     from raylab.runtime.datasets import EpochClock
@@ -132,24 +133,31 @@ def test_the_augmentation_stream_follows_the_epoch_clock(ray_cluster,
 
     cfg = cfglib.apply_overrides(DetectionConfig(), {
         "data": str(detection_shards), "image_size": 64, "aug.jitter": "lsj",
-        "aug.copy_paste.prob": 0.0, "seed": 5})
+        "aug.copy_paste.prob": 1.0, "seed": 5})
     data = load_detection_data(cfg)
+    assert len(data.train_paths) == 1
 
-    def epoch_rows(epoch: int) -> dict[int, str]:
+    def epoch_rows(epoch: int, materialize_mb: int = cfg.materialize_mb) -> dict[int, str]:
         clock = EpochClock()  # a new run: a new dataset and a new clock
-        ds = train_dataset(data.train_paths, cfg, data.label_map, epoch=clock)
+        ds = train_dataset(data.train_paths, replace(cfg, materialize_mb=materialize_mb),
+                           data.label_map, epoch=clock)
         clock.set(epoch)
         rows = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i, image_id in enumerate(batch["image_id"]):
                 digest = hashlib.sha256(batch["image"][i].tobytes())
-                digest.update(batch["boxes"][i].tobytes() + batch["pasted"][i].tobytes())
+                for key in ("boxes", "pasted", "ann_ids", "masks"):
+                    digest.update(batch[key][i].tobytes())
                 rows[int(image_id)] = digest.hexdigest()
+                pasted.append(int(batch["pasted"][i].sum()))
         return rows
 
+    pasted: list[int] = []
     first = epoch_rows(2)
     assert len(first) == data.train_rows
+    assert sum(n > 0 for n in pasted) > data.train_rows // 2  # most images received objects
     assert epoch_rows(2) == first
+    assert epoch_rows(2, materialize_mb=0) == first
     other = epoch_rows(3)
     assert other.keys() == first.keys()
     assert sum(other[k] != first[k] for k in first) == len(first)

@@ -117,3 +117,47 @@ def test_bad_inputs_fail_before_ray_starts(labeled: tuple[Path, dict], tmp_path:
     (tmp_path / "taken").mkdir()
     with pytest.raises(DataError, match="taken.*exists"):
         pseudo_label(model, tmp_path, tmp_path / "taken")
+
+
+def test_pasted_objects_are_ground_truth_training_rows(detection_shards: Path,
+                                                      tmp_path: Path) -> None:
+    """A streamed file's rows draw their paste partners from the training rows of a
+    labeled file: a labeled file from itself, a pseudo-labeled one from a labeled file
+    drawn per epoch (only ground truth is pasted); a Tune trial's validation rows are
+    neither trained on nor pasted, and pseudo-labeled rows are never held out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylab.tasks.detection.data import (
+        COLUMNS,
+        Partners,
+        StreamedTrainFile,
+        TrainRows,
+        holdout_ids,
+    )
+
+    cfg = cfglib.apply_overrides(DetectionConfig(), {
+        "data": str(detection_shards), "val_fraction": 0.25})
+    labeled = load_detection_data(cfg).train_paths[0]
+    table = pq.read_table(labeled, columns=COLUMNS)
+    pseudo = str(tmp_path / "pseudo.parquet")
+    ids = pa.array(table.column("image_id").to_numpy() + 10_000)
+    pq.write_table(table.set_column(0, "image_id", ids), pseudo)
+    assert table.column_names[0] == "image_id"
+    val = set(holdout_ids([labeled], cfg.val_fraction))
+    assert 0 < len(val) < table.num_rows
+    stage = StreamedTrainFile(TrainRows(cfg, [labeled, pseudo], False, [labeled]),
+                              Partners(prob=1.0, seed=0, epoch=lambda: 4), [labeled])
+    labeled_ids = set(table.column("image_id").to_pylist()) - val
+    for path in (labeled, pseudo):
+        rows = stage(pq.read_table(path, columns=COLUMNS), path)
+        own = set(rows.column("image_id").to_pylist())
+        partners = set(rows.column("partner_image_id").to_pylist())
+        assert partners <= labeled_ids and -1 not in partners
+        # The hold-out cuts labeled files only: pseudo-labels are never scored.
+        assert own == (labeled_ids if path == labeled else
+                       set(ids.to_pylist()))
+    # The same file, epoch and seed: the same partners (a resumed run's read task).
+    again = stage(pq.read_table(pseudo, columns=COLUMNS), pseudo)
+    np.testing.assert_array_equal(again.column("partner_image_id").to_numpy(),
+                                  rows.column("partner_image_id").to_numpy())

@@ -33,9 +33,12 @@ from raylab.transforms.detection_batch import (
     CopyPasteParams,
     contiguous_label_map,
     detection_batch_transform,
+    draw_partners,
     pack_masks,
     to_torchvision_targets,
     unpack_masks,
+    with_partner_table,
+    with_partners,
     xywh_to_xyxy,
 )
 
@@ -440,20 +443,26 @@ def test_batch_transform_determinism_and_epochs():
     np.testing.assert_array_equal(d["image"][0], a["image"][1])
 
 
-def test_batch_copy_paste_moves_objects_between_rows_with_their_columns():
+def test_batch_copy_paste_moves_the_partners_objects_with_their_columns():
     scenes = [_scene(), _scene(70, 50), _empty_scene()]
     batch = _rows(scenes, COCO_CATS, CROWD)
     tf = ScaleJitter(128, SSJ, flip_prob=0.0)
     params = CopyPasteParams(prob=1.0, blend=False)
+    paired = with_partners(batch, batch, prob=1.0, seed=5, epoch=0)
     plain = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5)
-    out = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5, copy_paste=params)
-    again = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5,
+    out = detection_batch_transform(paired, tf, label_map=LABEL_MAP, seed=5,
+                                    copy_paste=params)
+    again = detection_batch_transform(paired, tf, label_map=LABEL_MAP, seed=5,
                                       copy_paste=params)
     for key in out:  # same seed, same stream
         for x, y in zip(out[key], again[key]):
             np.testing.assert_array_equal(x, y)
+    plain_masks = [unpack_masks(plain["masks"][j], plain["mask_windows"][j], 128).numpy()
+                   for j in range(3)]
     pasted_total = 0
     for i in range(3):
+        partner = int(paired["partner_image_id"][i]) - 100
+        assert partner != i and 0 <= partner < 3
         n = len(out["labels"][i])
         pasted = out["pasted"][i].astype(bool)
         assert out["pasted"][i].dtype == np.uint8 and len(pasted) == n
@@ -461,48 +470,100 @@ def test_batch_copy_paste_moves_objects_between_rows_with_their_columns():
         for box, mask in zip(out["boxes"][i].reshape(-1, 4), masks):
             np.testing.assert_array_equal(box, _extent(mask))  # boxes follow the masks
         # Annotation ids, labels and crowd flags travel together: a survivor is one of
-        # the row's own objects, a pasted one another row's (ids are row * 1000 + k).
+        # the row's own objects, a pasted one its partner's (ids are row * 1000 + k).
         ids = out["ann_ids"][i]
-        assert (ids[~pasted] // 1000 == i).all() and (ids[pasted] // 1000 != i).all()
+        assert (ids[~pasted] // 1000 == i).all() and (ids[pasted] // 1000 == partner).all()
         kept = ids % 1000
         np.testing.assert_array_equal(out["labels"][i], [LABEL_MAP[c] for c in COCO_CATS[kept]])
         np.testing.assert_array_equal(out["iscrowd"][i], CROWD[kept])
         # Outside the pasted masks the image is the plain jittered one (no blending).
         union = masks[pasted].any(0) if pasted.any() else np.zeros((128, 128), bool)
         np.testing.assert_array_equal(out["image"][i][~union], plain["image"][i][~union])
+        # The partner arrives as it is itself this epoch: each pasted mask is one of its
+        # own jittered masks (same annotation id), and the pasted pixels are its pixels.
+        for k in np.flatnonzero(pasted):
+            own = np.flatnonzero(plain["ann_ids"][partner] == ids[k])
+            assert len(own) == 1
+            np.testing.assert_array_equal(masks[k], plain_masks[partner][own[0]])
+        np.testing.assert_array_equal(out["image"][i][union], plain["image"][partner][union])
         pasted_total += int(pasted.sum())
     assert pasted_total > 0
     # prob 0 is the plain pipeline, draw for draw.
-    off = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5,
+    off = detection_batch_transform(with_partners(batch, batch, prob=0.0, seed=5), tf,
+                                    label_map=LABEL_MAP, seed=5,
                                     copy_paste=CopyPasteParams(prob=0.0))
     np.testing.assert_array_equal(off["image"], plain["image"])
     images, targets = to_torchvision_targets(out)
     assert [len(t["boxes"]) for t in targets] == [
         int((out["iscrowd"][i] == 0).sum()) for i in range(3)]
+    with pytest.raises(ValueError, match="partner"):
+        detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=5, copy_paste=params)
 
 
-def test_batch_paste_depends_on_the_rows_not_their_order_and_reads_the_epoch_clock():
-    # Ray Data hands a batch's rows in block order, which changes every epoch and run: the
-    # same rows in another order must give every image the same output (a resumed run
-    # then replays an epoch's pastes), and a clock object gives what its epoch number does.
+def test_partner_draws_depend_on_the_row_and_epoch_only():
+    pool = np.arange(500, 540)
+    a = draw_partners(pool, pool, prob=1.0, seed=3, epoch=2)
+    assert (a >= 0).all() and (pool[a] != pool).all()  # never the image itself
+    # The same row draws the same partner whatever else is in its batch, and in any order.
+    part = draw_partners(pool[[7, 3, 30]], pool, prob=1.0, seed=3, epoch=2)
+    np.testing.assert_array_equal(part, a[[7, 3, 30]])
+    assert (draw_partners(pool, pool, prob=1.0, seed=3, epoch=3) != a).sum() > 30
+    # prob: the share of rows that receive a paste; one image alone has no partner.
+    half = draw_partners(np.arange(4000), pool, prob=0.5, seed=1, epoch=0)
+    assert 0.46 < (half >= 0).mean() < 0.54
+    assert (draw_partners(pool, pool, prob=0.0, seed=3, epoch=2) == -1).all()
+    assert draw_partners([9], [9], prob=1.0, seed=0, epoch=0).tolist() == [-1]
+    assert draw_partners([9], [], prob=1.0, seed=0, epoch=0).tolist() == [-1]
+    # Uniform over the others: each of 4 partners about a quarter of 4,000 draws.
+    counts = np.bincount(draw_partners(np.arange(10, 4010), np.arange(4), prob=1.0,
+                                       seed=0, epoch=0), minlength=4)
+    assert (np.abs(counts - 1000) < 100).all()
+
+
+def test_batch_paste_depends_on_the_row_not_its_batch_and_reads_the_epoch_clock():
+    # Ray Data hands rows in block order, which changes every epoch and run: each image's
+    # output must follow from the image, the epoch and the pool alone (a resumed run then
+    # replays an epoch's pastes), and a clock object gives what its epoch number does.
     scenes = [_scene(), _scene(70, 50), _scene(90, 110), _empty_scene()]
     batch = _rows(scenes, COCO_CATS, CROWD)
     tf = ScaleJitter(128, SSJ, flip_prob=0.5)
     params = CopyPasteParams(prob=1.0, blend=True)
-    out = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=7, epoch=3,
+    out = detection_batch_transform(with_partners(batch, batch, prob=1.0, seed=7, epoch=3),
+                                    tf, label_map=LABEL_MAP, seed=7, epoch=3,
                                     copy_paste=params)
-    order = np.array([2, 0, 3, 1])
-    shuffled = {k: v[order] for k, v in batch.items()}
-    again = detection_batch_transform(shuffled, tf, label_map=LABEL_MAP, seed=7,
-                                      epoch=lambda: 3, copy_paste=params)
-    assert again["image_id"].tolist() == out["image_id"][order].tolist()
-    for key in out:
-        for position, k in enumerate(order):
-            np.testing.assert_array_equal(again[key][position], out[key][k])
     assert sum(len(p) and p.any() for p in out["pasted"]) > 0
-    other = detection_batch_transform(batch, tf, label_map=LABEL_MAP, seed=7,
-                                      epoch=lambda: 4, copy_paste=params)
+    for order in ([2, 0, 3, 1], [1], [3, 0]):
+        rows = {k: v[np.array(order)] for k, v in batch.items()}
+        again = detection_batch_transform(
+            with_partners(rows, batch, prob=1.0, seed=7, epoch=lambda: 3), tf,
+            label_map=LABEL_MAP, seed=7, epoch=lambda: 3, copy_paste=params)
+        assert again["image_id"].tolist() == out["image_id"][order].tolist()
+        for key in out:
+            for position, k in enumerate(order):
+                np.testing.assert_array_equal(again[key][position], out[key][k])
+    other = detection_batch_transform(
+        with_partners(batch, batch, prob=1.0, seed=7, epoch=4), tf,
+        label_map=LABEL_MAP, seed=7, epoch=lambda: 4, copy_paste=params)
     assert not np.array_equal(other["image"], out["image"])
+
+
+def test_partner_table_matches_the_numpy_twin():
+    import pyarrow as pa
+
+    batch = _rows([_scene(), _scene(70, 50), _scene(90, 110)], COCO_CATS, CROWD)
+    table = pa.table({k: pa.array(list(v)) if v.dtype == object else pa.array(v)
+                      for k, v in batch.items()})
+    for prob in (1.0, 0.5):
+        numpy_side = with_partners(batch, batch, prob=prob, seed=2, epoch=1)
+        arrow_side = with_partner_table(table, table, prob=prob, seed=2, epoch=lambda: 1)
+        ids = arrow_side.column("partner_image_id").to_numpy()
+        np.testing.assert_array_equal(ids, numpy_side["partner_image_id"])
+        for i, partner in enumerate(ids):
+            got = arrow_side.column("partner_image")[i].as_py()
+            assert got == (None if partner < 0 else batch["image"][partner - 100])
+    # An empty pool (no paste source): every row without a partner.
+    none = with_partner_table(table, table.slice(0, 0), prob=1.0, seed=2, epoch=1)
+    assert none.column("partner_image_id").to_pylist() == [-1, -1, -1]
 
 
 def test_batch_transform_eval_without_masks_round_trips_boxes():

@@ -101,12 +101,17 @@ class DetectionMethod(Method):
         train_paths = data.train_paths + data.pseudo_paths
         # The augmentation draws follow the epoch the chief sets (a resumed run replays them).
         clock = EpochClock()
+        # Only ground truth is pasted (onto labeled and pseudo-labeled images alike) or
+        # held out.
+        sources = data.train_paths
         if plan.split == VAL:
-            train = train_dataset(train_paths, cfg, labels, hold_out=False, epoch=clock)
+            train = train_dataset(train_paths, cfg, labels, hold_out=False, epoch=clock,
+                                  labeled=sources)
             evaluate = eval_dataset(data.train_paths, cfg, labels, hold_out=True)
             train_rows = data.train_rows + data.pseudo_rows - len(plan.data)
         else:
-            train = train_dataset(train_paths, cfg, labels, epoch=clock)
+            train = train_dataset(train_paths, cfg, labels, epoch=clock,
+                                  labeled=sources)
             evaluate = eval_dataset(data.eval_paths, cfg, labels)
             train_rows = data.train_rows + data.pseudo_rows
         if cfg.max_train_rows:

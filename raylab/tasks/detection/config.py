@@ -27,10 +27,12 @@ JITTERS = {"lsj": LSJ, "ssj": SSJ}
 
 @dataclass
 class CopyPasteConfig(CopyPasteParams):
-    """Simple Copy-Paste (Ghiasi et al. 2021) between the jittered rows of a Ray Data batch.
+    """Simple Copy-Paste (Ghiasi et al. 2021) between training images, in the Ray Data tasks.
 
-    Each row, with probability ``prob``, receives a random subset (its size uniform in
-    0..n) of another row's objects; both rows were jittered and flipped on their own.
+    Each image, with probability ``prob``, receives a random subset (its size uniform in
+    0..n) of the objects of a partner image drawn per epoch among the labeled training
+    images (:func:`raylab.tasks.detection.data.train_dataset` says which); both were
+    jittered and flipped on their own.
     The knobs are :class:`~raylab.transforms.detection_batch.CopyPasteParams`' (``blend``
     and ``sigma``: Gaussian-smoothed paste edges, the masks stay binary; ``box_thr`` and
     ``area_thr``: a target object goes when its box moved by more than ``box_thr`` px on

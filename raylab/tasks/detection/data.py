@@ -12,23 +12,36 @@ truth of exactly the rows it scored: no shared file, and a row count to check.
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylab.data import fs
 from raylab.data.coco import coco_manifest
 from raylab.data.shards import MANIFEST, iter_rows, shard_paths
 from raylab.errors import DataError
-from raylab.runtime.datasets import keep_rows, read_shards
+from raylab.runtime.datasets import (
+    WithTable,
+    dataset_from_tables,
+    local_tables,
+    read_shard,
+    read_shards,
+    stream_shards,
+)
 from raylab.tasks.classification.data import HoldOut, in_val, row_subset
 from raylab.tasks.detection.config import DetectionConfig
 from raylab.transforms.detection import ResizePad, ScaleJitter
-from raylab.transforms.detection_batch import contiguous_label_map, detection_batch_transform
+from raylab.transforms.detection_batch import (
+    contiguous_label_map,
+    detection_batch_transform,
+    with_partner_table,
+)
 
 #: Columns of a coco shard the pipelines read.
 COLUMNS = ["image_id", "file_name", "image", "width", "height", "ann_ids", "category_ids",
@@ -36,7 +49,7 @@ COLUMNS = ["image_id", "file_name", "image", "width", "height", "ann_ids", "cate
 #: The original annotations an evaluation row carries to the scoring worker.
 GROUND_TRUTH = ("ann_ids", "category_ids", "boxes", "areas", "iscrowd", "masks")
 GT_PREFIX = "gt_"
-#: Rows per training ``map_batches`` call: copy-paste pairs rows within one such batch.
+#: Rows per training ``map_batches`` call (decode, jitter, paste, pack).
 TRAIN_MAP_BATCH = 8
 #: Rows per block of a streamed split before the per-row transforms.
 STREAM_BLOCK_ROWS = 4 * TRAIN_MAP_BATCH
@@ -195,48 +208,131 @@ def train_transform(cfg: DetectionConfig) -> ScaleJitter | ResizePad:
 
 def train_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
                   hold_out: bool | None = None,
-                  epoch: Callable[[], int] | None = None) -> Any:
-    """Training rows, jittered anew in every epoch, with Simple Copy-Paste between the
-    rows of each batch of 8 when ``aug.copy_paste.prob``.
+                  epoch: Callable[[], int] | None = None,
+                  labeled: list[str] | None = None) -> Any:
+    """Training rows, jittered anew in every epoch, with Simple Copy-Paste when
+    ``aug.copy_paste.prob``.
 
     ``hold_out``: None keeps every row; False drops the validation share (a Tune trial).
     ``epoch``: the run's epoch clock (:class:`raylab.runtime.datasets.EpochClock`): each
-    image's jitter, flip and paste draws come from ``(cfg.seed, epoch, image id)``, so a
-    resumed run jitters every image of an epoch as the uninterrupted run did. A paste's
-    partner is drawn among the rows of the image's map batch, whose members follow Ray
-    Data's block order (random per epoch): the same rows give the same pastes in any
-    order, other rows other pastes. Without a clock, fresh entropy.
+    image's jitter, flip, paste partner and paste draws come from ``(cfg.seed, epoch,
+    image id)``, so a resumed run makes every image of an epoch as the uninterrupted run
+    did. Without a clock, fresh entropy.
+    ``labeled``: the files of ``paths`` with ground truth (default: all). Only their
+    objects are pasted, onto labeled and pseudo-labeled images alike, and only their
+    rows are held out (pseudo-labels are never scored).
+
+    A row's partner is drawn among the training rows of the sources: all of them when
+    the split is held in the object store (``materialize_mb``), those of its own shard
+    file when streamed (a pseudo-labeled file draws a labeled file per epoch): the read
+    task holds that file, while the whole split is not held anywhere.
     """
-    ds = _rows(paths, cfg, training=True, hold_out=hold_out)
+    sources = list(paths if labeled is None else labeled)
+    select = TrainRows(cfg, paths, hold_out, sources)
+    params = cfg.aug.copy_paste.params()
+    partners = None if params is None else Partners(
+        prob=params.prob, seed=None if epoch is None else cfg.seed,
+        epoch=0 if epoch is None else epoch)
+    tables = local_tables(paths, COLUMNS, cfg.materialize_mb)
+    if tables is not None:
+        tables = [select(table, path) for table, path in zip(tables, paths)]
+        ds = dataset_from_tables(tables, shuffle_files=True)
+        if partners is not None:
+            pool = [t for t, path in zip(tables, paths) if path in set(sources)]
+            ds = ds.map_batches(WithTable(partners, pa.concat_tables(pool) if pool
+                                          else tables[0].slice(0, 0)),
+                                batch_format="pyarrow", batch_size=None)
+    else:
+        ds = stream_shards(paths, COLUMNS, shuffle_files=True,
+                           rows_per_block=STREAM_BLOCK_ROWS,
+                           per_file=StreamedTrainFile(select, partners, sources))
     return ds.map_batches(detection_batch_transform, fn_kwargs=dict(
         transform=train_transform(cfg), label_map=label_map,
         seed=None if epoch is None else cfg.seed, epoch=0 if epoch is None else epoch,
-        copy_paste=cfg.aug.copy_paste.params()),
+        copy_paste=params),
         batch_format="numpy", batch_size=TRAIN_MAP_BATCH)
+
+
+class TrainRows:
+    """A shard file's training rows (a pyarrow Table in, its kept rows out): the fixed,
+    seeded subset of ``max_train_rows`` and, in the ``labeled`` files, the hold-out, as
+    Arrow filters. Applied where the file is read, so that a row's paste partner is drawn
+    among training rows only (a validation image never pastes into training)."""
+
+    def __init__(self, cfg: DetectionConfig, paths: list[str], hold_out: bool | None,
+                 labeled: list[str]) -> None:
+        self.subset = (np.asarray(row_subset(row_ids(paths), cfg.max_train_rows, cfg.seed),
+                                  np.int64) if cfg.max_train_rows else None)
+        self.val_fraction = cfg.val_fraction if hold_out is not None else 0.0
+        self.keep_val = bool(hold_out)
+        self.labeled = set(labeled)
+
+    def __call__(self, table: Any, path: str) -> Any:
+        ids = table.column(ROW_ID).to_numpy()
+        keep = np.ones(len(ids), bool)
+        if self.subset is not None:
+            keep &= np.isin(ids, self.subset)
+        if self.val_fraction > 0 and path in self.labeled:
+            val = in_val(ids, self.val_fraction)
+            keep &= val if self.keep_val else ~val
+        return table if keep.all() else table.filter(pa.array(keep))
+
+
+@dataclass
+class Partners:
+    """Each row's paste partner drawn from a pool of rows (both pyarrow Tables), for the
+    epoch the clock reads (:func:`raylab.transforms.detection_batch.with_partner_table`)."""
+
+    prob: float
+    seed: int | None
+    epoch: int | Callable[[], int]
+
+    def now(self) -> int:
+        return int(self.epoch()) if callable(self.epoch) else int(self.epoch)
+
+    def __call__(self, rows: Any, pool: Any, epoch: int | None = None) -> Any:
+        return with_partner_table(rows, pool, prob=self.prob, seed=self.seed,
+                                  epoch=self.now() if epoch is None else epoch)
+
+
+@dataclass
+class StreamedTrainFile:
+    """In a streamed split's read task: a file's training rows and, when pasting, each
+    row's partner among the training rows of that file, or, for a file that is not a
+    paste source (pseudo-labels), of a source file drawn per epoch and file."""
+
+    select: TrainRows
+    partners: Partners | None
+    sources: list[str]
+
+    def __call__(self, table: Any, path: str) -> Any:
+        rows = self.select(table, path)
+        if self.partners is None:
+            return rows
+        epoch = self.partners.now()
+        if path in self.sources or not self.sources:
+            pool = rows if path in self.sources else rows.slice(0, 0)
+        else:
+            seed = self.partners.seed
+            rng = np.random.default_rng(None if seed is None else
+                                        [seed, epoch, zlib.crc32(path.encode())])
+            source = self.sources[int(rng.integers(len(self.sources)))]
+            pool = self.select(read_shard(source, COLUMNS), source)
+        return self.partners(rows, pool, epoch)
 
 
 def eval_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, int],
                  hold_out: bool | None = None) -> Any:
-    """Evaluation rows resized + padded to ``image_size``, with their ground truth."""
-    ds = _rows(paths, cfg, training=False, hold_out=hold_out)
-    return ds.map_batches(eval_batch, fn_kwargs=dict(
-        transform=ResizePad(cfg.image_size), label_map=label_map),
-        batch_format="numpy", batch_size=8)
-
-
-def _rows(paths: list[str], cfg: DetectionConfig, training: bool,
-          hold_out: bool | None) -> Any:
-    # Streamed, a file's rows are cut into blocks of a few map batches: decoding,
-    # jitter and copy-paste cost far more per row than reading (runtime.datasets).
-    ds = read_shards(paths, COLUMNS, shuffle_files=training,
+    """Evaluation rows resized + padded to ``image_size``, with their ground truth
+    (``hold_out=True``: only the validation share, what a Tune trial scores)."""
+    ds = read_shards(paths, COLUMNS, shuffle_files=False,
                      materialize_mb=cfg.materialize_mb, rows_per_block=STREAM_BLOCK_ROWS)
-    if training and cfg.max_train_rows:
-        # A fixed, seeded subset: the same images every epoch.
-        ds = keep_rows(ds, ROW_ID, row_subset(row_ids(paths), cfg.max_train_rows, cfg.seed))
     if hold_out is not None and cfg.val_fraction > 0:
         ds = ds.map_batches(HoldOut(cfg.val_fraction, keep_val=hold_out, column=ROW_ID),
                             batch_format="numpy")
-    return ds
+    return ds.map_batches(eval_batch, fn_kwargs=dict(
+        transform=ResizePad(cfg.image_size), label_map=label_map),
+        batch_format="numpy", batch_size=8)
 
 
 def eval_batch(batch: dict[str, np.ndarray], transform: ResizePad,

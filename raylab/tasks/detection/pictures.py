@@ -25,6 +25,7 @@ from raylab.transforms.detection_batch import (
     contiguous_label_map,
     detection_batch_transform,
     unpack_masks,
+    with_partners,
 )
 
 GAP = 4
@@ -43,8 +44,8 @@ def _batch_pictures(out: dict[str, Any]) -> list[Image.Image]:
 def augmentation_grid(cfg: DetectionConfig, path: str | os.PathLike, count: int = 4
                       ) -> Path | None:
     """Draw ``count`` training images as the pipeline makes them: jittered (left) and, when
-    ``aug.copy_paste.prob`` > 0, after the paste (right). The paste pairs rows within a
-    batch of the pipeline's size, so that many rows are read.
+    ``aug.copy_paste.prob`` > 0, after the paste (right), each image's partner drawn
+    among the first rows read (at least a map batch of the pipeline).
 
     Returns:
         The PNG written (atomically), or None when the split has no rows.
@@ -60,8 +61,9 @@ def augmentation_grid(cfg: DetectionConfig, path: str | os.PathLike, count: int 
         batch, transform, label_map=label_map, seed=cfg.seed))]
     params: CopyPasteParams | None = cfg.aug.copy_paste.params()
     if params is not None:
+        paired = with_partners(batch, batch, prob=params.prob, seed=cfg.seed)
         columns.append(_batch_pictures(detection_batch_transform(
-            batch, transform, label_map=label_map, seed=cfg.seed, copy_paste=params)))
+            paired, transform, label_map=label_map, seed=cfg.seed, copy_paste=params)))
     rows = min(count, len(columns[0]))
     side = columns[0][0].width
     grid = Image.new("RGB", (len(columns) * (side + GAP) - GAP, rows * (side + GAP) - GAP),
