@@ -28,7 +28,7 @@ from raylab.bench.detection import JitterCollate
 from raylab.data.coco import convert_coco
 from raylab.data.detection_sample import convert_sample, write_detection_sample
 from raylab.methods.detection import DetectionConfig, DetectionMethod
-from raylab.runtime.cluster import ensure_ray, limit_data_cpus
+from raylab.runtime.cluster import ensure_ray
 from raylab.runtime.options import RunOptions
 from raylab.tasks.detection.data import (
     load_detection_data,
@@ -164,8 +164,10 @@ def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 5
         "data": str(shards), "image_size": size, "aug.jitter": "lsj",
         "aug.copy_paste.prob": 1.0})
     data = load_detection_data(cfg)
-    ensure_ray()
-    limit_data_cpus(processes)
+    # A local cluster of exactly as many CPUs as the loader has processes: Ray Data's
+    # tasks run on no more (a CPU cap in Ray Data's own limits would also turn on its
+    # allocator, which a small held split runs without: runtime.datasets).
+    ensure_ray(num_cpus=processes)
     rates: dict[str, list[float]] = {}
     # Held in the object store (a small split's default) and streamed from the shard
     # files every epoch (a split larger than materialize_mb, or remote).

@@ -153,6 +153,43 @@ def read_shard(path: str, columns: list[str]) -> Any:
         raise unreadable_shard(path, exc) from None
 
 
+#: An epoch's output at most this share of the object store runs without Ray Data's
+#: resource allocator (:func:`without_allocator_if_small`); Ray Data's own memory limit
+#: when that allocator is off is a quarter of the store.
+SMALL_EPOCH_STORE_SHARE = 0.25
+
+
+def without_allocator_if_small(ds: Any, epoch_output_bytes: float) -> Any:
+    """Turn Ray Data's per-operator resource allocator off for ``ds`` when a whole epoch
+    of its output is small next to the object store.
+
+    Ray 2.60 learns the cluster's size asynchronously: each execution (every epoch of a
+    dataset) starts with resource limits of zero until its first answer arrives, read
+    once a second, and meanwhile the allocator lets the expensive map stage run one task
+    at a time. On a held split of 100 coco128 images (decode + LSJ + copy-paste, 2 CPUs)
+    that was most of each ~1.7 s epoch: 1.1 s with the allocator off (BENCHMARKS.md,
+    "Ingest with copy-paste"). The allocator's job is to keep fast stages from filling
+    the object store ahead of slow ones; an epoch whose whole output (and input, when
+    streamed) fits in :data:`SMALL_EPOCH_STORE_SHARE` of the store needs no such guard.
+    Larger datasets keep it, and so does one whose context caps Ray Data's CPUs or
+    memory (``execution_options.resource_limits``: only the allocator enforces them).
+    Only ``ds``'s own context changes (Ray copies it per dataset), and the Train
+    workers' split of ``ds`` runs with it; Ray core still runs no more tasks at once
+    than the cluster has free logical CPUs.
+    """
+    import math
+
+    import ray
+
+    limits = ds.context.execution_options.resource_limits
+    if any(math.isfinite(v) for v in (limits.cpu, limits.gpu, limits.object_store_memory)):
+        return ds
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    if 0 < epoch_output_bytes <= SMALL_EPOCH_STORE_SHARE * store:
+        ds.context.op_resource_reservation_enabled = False
+    return ds
+
+
 class WithTable:
     """A Ray Data batch function ``fn(batch, table)`` given a table held once in the
     object store: the table is put there when this is built (on the driver) and read

@@ -243,3 +243,32 @@ def test_skill_windows_cut_on_the_driver_equal_the_ray_data_windows(ray_cluster,
     big = SkillConfig(window=10, step=4, materialize_mb=0)
     assert rows_of(window_dataset(held, chosen, big, stats)) == \
         rows_of(window_dataset(streamed, chosen, big, stats))
+
+
+def test_small_epochs_run_without_ray_datas_allocator(ray_cluster) -> None:
+    """A dataset whose epoch fits in a quarter of the object store runs without Ray
+    Data's resource allocator (its first second of each execution runs one task at a
+    time: runtime.datasets); a large one, or one whose context caps Ray Data's CPUs,
+    keeps it. Ray must still build no allocator when the flag is off (Ray calls it a
+    kill switch to be removed; then the setting would silently do nothing)."""
+    import ray
+    import ray.data
+    from ray.data._internal.execution import create_resource_allocator
+
+    from raylab.runtime.datasets import SMALL_EPOCH_STORE_SHARE, without_allocator_if_small
+
+    store = ray.cluster_resources()["object_store_memory"]
+    small = without_allocator_if_small(ray.data.range(8), 1 << 20)
+    assert small.context.op_resource_reservation_enabled is False
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+    large = without_allocator_if_small(ray.data.range(8),
+                                       2 * SMALL_EPOCH_STORE_SHARE * store)
+    assert large.context.op_resource_reservation_enabled is True
+    capped = ray.data.range(8)
+    capped.context.execution_options.resource_limits = (
+        capped.context.execution_options.resource_limits.copy(cpu=1))
+    assert without_allocator_if_small(capped, 1 << 20).context \
+        .op_resource_reservation_enabled is True
+    assert create_resource_allocator(None, small.context) is None
+    doubled = small.map(lambda r: {"id": r["id"] * 2}).take_all()
+    assert sorted(r["id"] for r in doubled) == [2 * i for i in range(8)]

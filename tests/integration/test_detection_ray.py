@@ -141,6 +141,8 @@ def test_the_augmentation_stream_follows_the_epoch_clock(ray_cluster,
         clock = EpochClock()  # a new run: a new dataset and a new clock
         ds = train_dataset(data.train_paths, replace(cfg, materialize_mb=materialize_mb),
                            data.label_map, epoch=clock)
+        # A small epoch: without Ray Data's allocator (runtime.datasets).
+        assert ds.context.op_resource_reservation_enabled is False
         clock.set(epoch)
         rows = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
