@@ -27,6 +27,7 @@ from raylab.bench import BenchOptions, say_data, shared_data
 from raylab.bench.detection import JitterCollate
 from raylab.data.coco import convert_coco
 from raylab.data.detection_sample import convert_sample, write_detection_sample
+from raylab.data.shards import MANIFEST
 from raylab.methods.detection import DetectionConfig, DetectionMethod
 from raylab.runtime.cluster import ensure_ray
 from raylab.runtime.options import RunOptions
@@ -144,12 +145,16 @@ def bench_copy_paste(opts: BenchOptions) -> dict[str, Any]:
 
 def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 512,
                            batch: int = 8) -> dict[str, Any]:
-    """coco128's training images (the synthetic sample without ``../shared/data``) at
-    ``size`` px with LSJ + copy-paste: Ray Data tasks vs a DataLoader, ``processes``
-    each; the median of the epochs after the first."""
+    """coco128's training images (the synthetic sample without ``../shared/data``; or
+    ``--data``: a coco128-style root, or coco shards with a ``train`` split) at ``size``
+    px with LSJ + copy-paste: Ray Data tasks vs a DataLoader, ``processes`` each; the
+    median of the epochs after the first."""
     epochs = max(opts.epochs, 3)
     root = Path(opts.data) if opts.data else shared_data() / "coco128"
-    if (root / "images" / "train2017").is_dir():
+    if (root / "train" / MANIFEST).is_file():
+        say_data(f"the coco shards at {root}")
+        shards = root
+    elif (root / "images" / "train2017").is_dir():
         say_data(f"coco128 train2017 at {root}")
         shards = opts.tmp / "coco128"
         convert_coco(root / "images" / "train2017",
