@@ -97,6 +97,11 @@ def dataset_from_arrays(columns: dict[str, np.ndarray], *, shuffle_blocks: bool)
     return dataset_from_tables([table], shuffle_files=shuffle_blocks)
 
 
+#: Blocks a streamed read task may hand on before the executor takes them (see
+#: :func:`stream_shards`): a file of 512 rows in blocks of 32.
+STREAM_GENERATOR_BLOCKS = 16
+
+
 def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
                   rows_per_block: int | None = None,
                   per_file: Callable[[Any, str], Any] | None = None) -> Any:
@@ -129,6 +134,16 @@ def stream_shards(paths: list[str], columns: list[str], *, shuffle_files: bool,
                         batch_size=1, batch_format="pyarrow")
     if rows_per_block:
         ds = ds.repartition(target_num_rows_per_block=int(rows_per_block))
+        # A read task holds its whole file, but Ray hands on at most this many of its
+        # blocks per scheduling round (2 by default): a 500-row file cut into 32-row
+        # blocks trickled out over 1.6 s, the read task holding its CPU meanwhile, so
+        # that one decoding task ran where two could (BENCHMARKS.md, "Ingest with
+        # copy-paste"). Letting all of a file's blocks go at once costs no memory the
+        # task has not already taken.
+        if hasattr(ds.context, "_max_num_blocks_in_streaming_gen_buffer"):
+            ds.context._max_num_blocks_in_streaming_gen_buffer = max(
+                ds.context._max_num_blocks_in_streaming_gen_buffer or 0,
+                STREAM_GENERATOR_BLOCKS)
     return ds
 
 

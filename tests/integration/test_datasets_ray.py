@@ -61,6 +61,17 @@ def test_streamed_files_are_cut_into_small_blocks(ray_cluster, shard_files: list
     # Without the cut, Ray Data hands each file over whole, as one block.
     files = sorted(n for f in shard_files if (n := pq.read_metadata(f).num_rows))
     assert sorted(len(b["name"]) for b in whole.iter_batches(batch_size=None)) == files
+    # A read task may hand on all of a file's blocks at once, through a private Ray Data
+    # setting that its task operator must still read (else the setting does nothing).
+    import inspect
+
+    from ray.data._internal.execution.operators import task_pool_map_operator
+
+    from raylab.runtime.datasets import STREAM_GENERATOR_BLOCKS
+
+    assert cut.context._max_num_blocks_in_streaming_gen_buffer >= STREAM_GENERATOR_BLOCKS
+    assert "_max_num_blocks_in_streaming_gen_buffer" in inspect.getsource(
+        task_pool_map_operator)
 
 
 def test_a_damaged_streamed_shard_is_named(ray_cluster, shard_files: list[str]) -> None:
