@@ -41,7 +41,7 @@ from raylab.methods.convnext.config import ConvNeXtConfig
 from raylab.methods.dino import DINOConfig, DINOMethod
 from raylab.metrics.knn import knn_classify, linear_probe
 from raylab.models.backbones import backbone_from_config
-from raylab.runtime.cluster import ensure_ray, limit_data_cpus
+from raylab.runtime.cluster import ensure_ray
 from raylab.runtime.options import RunOptions
 from raylab.tasks.classification.data import image_dataset
 from raylab.transforms.images import DeviceNormalize, build_transform, decode_image
@@ -98,8 +98,9 @@ def bench_ingest_images(opts: BenchOptions, processes: int = 2, input_size: int 
     shards = image_shards(opts.data, opts.tmp)
     cfg = _config(shards, input_size=input_size)
     paths = split_paths(shards, cfg.train_split)
-    ensure_ray()
-    limit_data_cpus(processes)
+    # A local cluster of as many CPUs as the loader has processes (a CPU cap in Ray
+    # Data's own limits would turn its allocator back on: runtime.datasets).
+    ensure_ray(num_cpus=processes)
     ds = image_dataset(paths, cfg, training=True)
     # The consumer finishes what the uint8 loader leaves to the worker (normalise, random
     # erasing), so both sides deliver the same normalised, erased float batches.

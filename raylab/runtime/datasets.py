@@ -205,6 +205,18 @@ def without_allocator_if_small(ds: Any, epoch_output_bytes: float) -> Any:
     return ds
 
 
+def without_allocator_if_small_files(ds: Any, paths: list[str], bytes_per_row: float) -> Any:
+    """:func:`without_allocator_if_small` for a dataset over the local shard files
+    ``paths`` whose rows each put about ``bytes_per_row`` in the object store: the rows
+    (counted from the files' footers, before any filter) times that, plus the files'
+    own bytes. Remote files: the allocator stays."""
+    mib = local_mib(paths)
+    if mib is None:
+        return ds
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    return without_allocator_if_small(ds, rows * bytes_per_row + mib * 2**20)
+
+
 class WithTable:
     """A Ray Data batch function ``fn(batch, table)`` given a table held once in the
     object store: the table is put there when this is built (on the driver) and read

@@ -256,7 +256,8 @@ def test_skill_windows_cut_on_the_driver_equal_the_ray_data_windows(ray_cluster,
         rows_of(window_dataset(streamed, chosen, big, stats))
 
 
-def test_small_epochs_run_without_ray_datas_allocator(ray_cluster) -> None:
+def test_small_epochs_run_without_ray_datas_allocator(ray_cluster, shard_files: list[str]
+                                                     ) -> None:
     """A dataset whose epoch fits in a quarter of the object store runs without Ray
     Data's resource allocator (its first second of each execution runs one task at a
     time: runtime.datasets); a large one, or one whose context caps Ray Data's CPUs,
@@ -281,5 +282,15 @@ def test_small_epochs_run_without_ray_datas_allocator(ray_cluster) -> None:
     assert without_allocator_if_small(capped, 1 << 20).context \
         .op_resource_reservation_enabled is True
     assert create_resource_allocator(None, small.context) is None
+    # Counted from local shard files (rows from their footers, plus their bytes); remote
+    # ones keep the allocator.
+    from raylab.runtime.datasets import without_allocator_if_small_files
+
+    local = without_allocator_if_small_files(ray.data.range(8), shard_files, 1 << 10)
+    assert local.context.op_resource_reservation_enabled is False
+    huge = without_allocator_if_small_files(ray.data.range(8), shard_files, store)
+    assert huge.context.op_resource_reservation_enabled is True
+    remote = without_allocator_if_small_files(ray.data.range(8), ["s3://b/x.parquet"], 1)
+    assert remote.context.op_resource_reservation_enabled is True
     doubled = small.map(lambda r: {"id": r["id"] * 2}).take_all()
     assert sorted(r["id"] for r in doubled) == [2 * i for i in range(8)]

@@ -45,6 +45,7 @@ from raylab.models import count_params
 from raylab.models.backbones import backbone_from_config, load_backbone
 from raylab.models.dino import cls_attention_maps
 from raylab.registry import register_method
+from raylab.runtime.datasets import without_allocator_if_small_files
 from raylab.runtime.options import RunOptions
 from raylab.tasks.classification.data import (
     ImageData,
@@ -62,19 +63,23 @@ from raylab.transforms.images import build_transform, decode_image
 def crop_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None, limit: int) -> Any:
     """Multi-crop batches (uint8) for training, cut in Ray Data tasks."""
     ds = encoded_images(paths, cfg, True, hold_out, limit)
-    return ds.map_batches(transform_batch, fn_kwargs=dict(
+    ds = ds.map_batches(transform_batch, fn_kwargs=dict(
         kind="multicrop", out_dtype="uint8", img_size=cfg.img_size, n_local=cfg.n_local_crops,
         global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale)),
         batch_format="numpy", batch_size=32)
+    # Per row at most 2 global + n_local crops of img_size^2 uint8 pixels (locals are smaller).
+    return without_allocator_if_small_files(
+        ds, paths, (2 + cfg.n_local_crops) * cfg.img_size ** 2 * 3)
 
 
 def eval_dataset(paths: list[str], cfg: DINOConfig, hold_out: bool | None,
                  limit: int = 0) -> Any:
     """Centre-cropped images for feature extraction (k-NN bank or queries)."""
     ds = encoded_images(paths, cfg, False, hold_out, limit)
-    return ds.map_batches(transform_batch, fn_kwargs=dict(
+    ds = ds.map_batches(transform_batch, fn_kwargs=dict(
         kind="classify", is_training=False, input_size=cfg.img_size, out_dtype="uint8"),
         batch_format="numpy", batch_size=128)
+    return without_allocator_if_small_files(ds, paths, cfg.img_size ** 2 * 3)
 
 
 @register_method

@@ -20,7 +20,11 @@ from raylab.data import fs, imagefolder
 from raylab.data.clear import is_stream, read_stream_manifest
 from raylab.data.shards import read_manifest, shard_paths
 from raylab.errors import ConfigError, DataError
-from raylab.runtime.datasets import keep_rows, read_shards
+from raylab.runtime.datasets import (
+    keep_rows,
+    read_shards,
+    without_allocator_if_small_files,
+)
 from raylab.tasks.classification.config import ClassificationConfig, ImageDataConfig
 
 
@@ -284,6 +288,8 @@ def image_dataset(paths: list[str], cfg: ClassificationConfig, training: bool,
     kwargs = cfg.aug.transform_kwargs() if training else {}
     if cfg.loader_dtype == "uint8":
         kwargs.pop("re_prob", None)  # random erasing happens on the worker's device
-    return ds.map_batches(transform_batch, fn_kwargs=dict(
+    ds = ds.map_batches(transform_batch, fn_kwargs=dict(
         is_training=training, input_size=cfg.input_size, out_dtype=cfg.loader_dtype,
         **kwargs), batch_format="numpy", batch_size=64)
+    pixel_bytes = 1 if cfg.loader_dtype == "uint8" else 4
+    return without_allocator_if_small_files(ds, paths, cfg.input_size ** 2 * 3 * pixel_bytes)

@@ -29,12 +29,11 @@ from raylab.errors import DataError
 from raylab.runtime.datasets import (
     WithTable,
     dataset_from_tables,
-    local_mib,
     local_tables,
     read_shard,
     read_shards,
     stream_shards,
-    without_allocator_if_small,
+    without_allocator_if_small_files,
 )
 from raylab.tasks.classification.data import HoldOut, in_val, row_subset
 from raylab.tasks.detection.config import DetectionConfig
@@ -253,15 +252,9 @@ def train_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, i
         seed=None if epoch is None else cfg.seed, epoch=0 if epoch is None else epoch,
         copy_paste=params),
         batch_format="numpy", batch_size=TRAIN_MAP_BATCH)
-    # What an epoch puts in the object store: each row's uint8 pixels (masks go
-    # bit-packed, far smaller), and when streamed the files' bytes too.
-    pixels = cfg.image_size ** 2 * 3
-    if tables is not None:
-        ds = without_allocator_if_small(ds, sum(t.num_rows for t in tables) * pixels)
-    elif (mib := local_mib(paths)) is not None:
-        rows = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
-        ds = without_allocator_if_small(ds, rows * pixels + mib * 2**20)
-    return ds
+    # What a row puts in the object store: its uint8 pixels (masks go bit-packed, far
+    # smaller).
+    return without_allocator_if_small_files(ds, paths, cfg.image_size ** 2 * 3)
 
 
 class TrainRows:
