@@ -211,11 +211,3 @@ def check_request(workers: int, cpus_per_worker: float, gpus_per_worker: float) 
                             "cluster with --address")
     print(f"raylab: {asked} needs {'; '.join(short)}; the run waits until the cluster's "
           "autoscaler adds nodes (Ctrl-C to stop)", flush=True)
-
-
-def limit_data_cpus(cpus: float) -> None:
-    """Cap the CPUs Ray Data may use in this process's pipelines (benchmarks compare it
-    with a DataLoader of as many processes)."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        cpu=cpus)
