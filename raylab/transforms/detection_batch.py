@@ -132,10 +132,12 @@ def _transform_row(batch: Mapping[str, Any], i: int, transform: ScaleJitter | Re
     return transform(image, boxes, masks, labels, iscrowd, rng=rng)
 
 
-def _row_rng(seed: int | None, epoch: int, image_id: Any) -> np.random.Generator:
-    """An image's generator for an epoch (its jitter, flip and paste subset draws)."""
-    return np.random.default_rng(None if seed is None else [seed, epoch,
-                                                            int(image_id) % 2**63])
+def _row_rng(seed: int | None, epoch: int, image_id: Any, *stream: int
+             ) -> np.random.Generator:
+    """An image's generator for an epoch (its jitter, flip and paste subset draws; with
+    ``stream``, another sequence of its own, e.g. its partner draw)."""
+    return np.random.default_rng(None if seed is None else
+                                 [seed, epoch, int(image_id) % 2**63, *stream])
 
 
 @dataclass
@@ -190,21 +192,28 @@ def draw_partners(image_ids: Any, pool_ids: Any, *, prob: float, seed: int | Non
     """
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     pool = np.asarray(pool_ids, dtype=np.int64).reshape(-1)
-    order = np.argsort(pool, kind="stable")
+    # Each row's own position in the pool, or -1 when it is not in it.
+    own = np.full(len(ids), -1, np.int64)
+    if len(pool):
+        order = np.argsort(pool, kind="stable")
+        at = np.minimum(np.searchsorted(pool[order], ids), len(pool) - 1)
+        own = np.where(pool[order[at]] == ids, order[at], -1)
     out = np.full(len(ids), -1, np.int64)
     for r, image_id in enumerate(ids):
-        rng = np.random.default_rng(None if seed is None else
-                                    [seed, epoch, int(image_id) % 2**63, _PARTNER_STREAM])
-        if rng.random() >= prob:
-            continue
-        at = int(np.searchsorted(pool, image_id, sorter=order)) if len(pool) else 0
-        own = int(order[at]) if at < len(pool) and pool[order[at]] == image_id else None
-        others = len(pool) - (own is not None)
-        if others < 1:
+        rng = _row_rng(seed, epoch, image_id, _PARTNER_STREAM)
+        others = len(pool) - (own[r] >= 0)
+        if rng.random() >= prob or others < 1:
             continue
         k = int(rng.integers(others))
-        out[r] = k + 1 if own is not None and k >= own else k
+        out[r] = k + 1 if 0 <= own[r] <= k else k
     return out
+
+
+def _partner_ids(idx: np.ndarray, pool_ids: np.ndarray) -> np.ndarray:
+    """The partners' image ids (-1: no partner) from their pool positions."""
+    if not len(pool_ids):
+        return np.full(len(idx), -1, np.int64)
+    return np.where(idx >= 0, pool_ids[np.maximum(idx, 0)], -1).astype(np.int64)
 
 
 def with_partners(batch: Mapping[str, Any], pool: Mapping[str, Any], *, prob: float,
@@ -219,11 +228,11 @@ def with_partners(batch: Mapping[str, Any], pool: Mapping[str, Any], *, prob: fl
     pool_ids = np.asarray(pool["image_id"], np.int64).reshape(-1)
     idx = draw_partners(batch["image_id"], pool_ids, prob=prob, seed=seed, epoch=epoch)
     out = dict(batch)
-    take = np.maximum(idx, 0)
-    for key in PARTNER_COLUMNS:
-        column = np.asarray(pool[key]) if len(pool_ids) else np.zeros(1, object)
-        out[PARTNER_PREFIX + key] = column[take if len(pool_ids) else np.zeros_like(take)]
-    out[PARTNER_ID] = np.where(idx >= 0, pool_ids[take] if len(pool_ids) else -1, -1)
+    for key in PARTNER_COLUMNS[1:]:
+        # Rows without a partner carry any pool row (or None): only PARTNER_ID is read.
+        out[PARTNER_PREFIX + key] = (np.asarray(pool[key])[np.maximum(idx, 0)]
+                                     if len(pool_ids) else np.full(len(idx), None))
+    out[PARTNER_ID] = _partner_ids(idx, pool_ids)
     return out
 
 
@@ -239,15 +248,10 @@ def with_partner_table(rows: Any, pool: Any, *, prob: float, seed: int | None,
     pool_ids = pool.column("image_id").to_numpy()
     idx = draw_partners(rows.column("image_id").to_numpy(), pool_ids, prob=prob,
                         seed=seed, epoch=epoch)
-    picked = pool.select(list(PARTNER_COLUMNS)).take(pa.array(idx, mask=idx < 0))
-    for key in PARTNER_COLUMNS:
-        name = PARTNER_ID if key == "image_id" else PARTNER_PREFIX + key
-        column = picked.column(key)
-        if key == "image_id":
-            column = pa.array(np.where(idx >= 0, np.asarray(column.fill_null(-1)), -1),
-                              pa.int64())
-        rows = rows.append_column(name, column)
-    return rows
+    picked = pool.select(list(PARTNER_COLUMNS[1:])).take(pa.array(idx, mask=idx < 0))
+    for key in PARTNER_COLUMNS[1:]:
+        rows = rows.append_column(PARTNER_PREFIX + key, picked.column(key))
+    return rows.append_column(PARTNER_ID, pa.array(_partner_ids(idx, pool_ids)))
 
 
 def _paste_into(dst: _Row, src: _Row, rng: np.random.Generator,
@@ -352,8 +356,8 @@ def detection_batch_transform(
     if pasting and PARTNER_ID not in batch:
         raise ValueError("copy_paste needs each row's partner: attach them first "
                          "(with_partners / with_partner_table)")
-    partners = {k: batch[PARTNER_PREFIX + k] for k in PARTNER_COLUMNS
-                if k != "image_id"} if pasting else {}
+    # The partners' columns under the row's own names, for the same row decoder.
+    partners = {k: batch[PARTNER_PREFIX + k] for k in PARTNER_COLUMNS} if pasting else {}
     rows: list[_Row] = []
     for i in range(count):
         rng = _row_rng(seed, epoch, batch["image_id"][i])
@@ -361,8 +365,7 @@ def detection_batch_transform(
         partner_id = int(batch[PARTNER_ID][i]) if pasting else -1
         if partner_id >= 0:
             # The partner jittered with its own draws: the sample it is itself this epoch.
-            view = {**partners, "image_id": batch[PARTNER_ID]}
-            src = _jittered_row(view, i, transform, label_map,
+            src = _jittered_row(partners, i, transform, label_map,
                                 _row_rng(seed, epoch, partner_id), with_masks)
             row = _paste_into(row, src, rng, copy_paste)
         rows.append(row)

@@ -239,7 +239,7 @@ def train_dataset(paths: list[str], cfg: DetectionConfig, label_map: dict[int, i
         tables = [select(table, path) for table, path in zip(tables, paths)]
         ds = dataset_from_tables(tables, shuffle_files=True)
         if partners is not None:
-            pool = [t for t, path in zip(tables, paths) if path in set(sources)]
+            pool = [t for t, path in zip(tables, paths) if path in select.labeled]
             ds = ds.map_batches(WithTable(partners, pa.concat_tables(pool) if pool
                                           else tables[0].slice(0, 0)),
                                 batch_format="pyarrow", batch_size=None)
@@ -314,8 +314,10 @@ class StreamedTrainFile:
         if self.partners is None:
             return rows
         epoch = self.partners.now()
-        if path in self.sources or not self.sources:
-            pool = rows if path in self.sources else rows.slice(0, 0)
+        if path in self.select.labeled:
+            pool = rows
+        elif not self.sources:
+            pool = rows.slice(0, 0)
         else:
             seed = self.partners.seed
             rng = np.random.default_rng(None if seed is None else
