@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=3, help="clear-table: seeds per cell")
     bench.add_argument("--rounds", type=int, default=None,
                        help="startup, loso: alternations of raylab and its baseline")
+    bench.add_argument("--processes", type=int, default=None,
+                       help="ingest, ingest-images, ingest-detection: processes on each "
+                            "side (Ray Data's CPUs, the DataLoader's workers; default 2)")
     bench.add_argument("--out", default=None, help="clear-table: keep the runs here")
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="clear-table: run only these strategies' rows (into --out); "
@@ -651,7 +654,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     bench.run(args.name, bench.BenchOptions(
         data=args.data, epochs=args.epochs, workers=args.workers, features=args.features,
-        seeds=args.seeds, rounds=args.rounds, out=args.out, only=args.only))
+        seeds=args.seeds, rounds=args.rounds, processes=args.processes, out=args.out,
+        only=args.only))
     return 0
 
 

@@ -46,6 +46,8 @@ class BenchOptions:
     seeds: int = 3
     #: Alternations of a benchmark and its baseline (each bench has its own default).
     rounds: int | None = None
+    #: Loader processes on each side of an ingest benchmark (each bench has its default).
+    processes: int | None = None
     out: str | None = None
     only: list[str] | None = None
     tmp: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))

@@ -147,9 +147,10 @@ def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 5
                            batch: int = 8) -> dict[str, Any]:
     """coco128's training images (the synthetic sample without ``../shared/data``; or
     ``--data``: a coco128-style root, or coco shards with a ``train`` split) at ``size``
-    px with LSJ + copy-paste: Ray Data tasks vs a DataLoader, ``processes`` each; the
-    median of the epochs after the first."""
+    px with LSJ + copy-paste: Ray Data tasks vs a DataLoader, ``processes`` each
+    (``--processes``); the median of the epochs after the first, the arms taking turns."""
     epochs = max(opts.epochs, 3)
+    processes = opts.processes or processes
     root = Path(opts.data) if opts.data else shared_data() / "coco128"
     if (root / "train" / MANIFEST).is_file():
         say_data(f"the coco shards at {root}")
@@ -173,30 +174,32 @@ def bench_ingest_detection(opts: BenchOptions, processes: int = 2, size: int = 5
     # tasks run on no more (a CPU cap in Ray Data's own limits would also turn on its
     # allocator, which a small held split runs without: runtime.datasets).
     ensure_ray(num_cpus=processes)
-    rates: dict[str, list[float]] = {}
     # Held in the object store (a small split's default) and streamed from the shard
     # files every epoch (a split larger than materialize_mb, or remote).
-    for arm, materialize_mb in (("ray_data", cfg.materialize_mb), ("ray_data_streamed", 0)):
-        ds = train_dataset(data.train_paths, replace(cfg, materialize_mb=materialize_mb),
-                           data.label_map)
-        rates[arm] = []
-        for _ in range(epochs):
-            t0, n = time.perf_counter(), 0
-            for b in ds.iter_batches(batch_size=batch, batch_format="numpy"):
-                n += len(b["image_id"])
-            rates[arm].append(n / (time.perf_counter() - t0))
+    held = train_dataset(data.train_paths, cfg, data.label_map)
+    streamed = train_dataset(data.train_paths, replace(cfg, materialize_mb=0), data.label_map)
     rows = read_batch(data.train_folder)
-    # Batches of the pipeline's own map size, so that both pair rows within 8.
+    # Batches of the pipeline's own map size.
     loader = torch.utils.data.DataLoader(
         range(len(rows["image_id"])), batch_size=batch, shuffle=True,
         num_workers=processes, persistent_workers=True,
         collate_fn=JitterCollate(rows, cfg, data.label_map))
-    rates["dataloader"] = []
-    for _ in range(epochs):
-        t0, m = time.perf_counter(), 0
-        for b in loader:
-            m += len(b["image_id"])
-        rates["dataloader"].append(m / (time.perf_counter() - t0))
+    arms: dict[str, Any] = {
+        "ray_data": lambda: held.iter_batches(batch_size=batch, batch_format="numpy"),
+        "ray_data_streamed": lambda: streamed.iter_batches(batch_size=batch,
+                                                           batch_format="numpy"),
+        "dataloader": lambda: iter(loader)}
+    rates: dict[str, list[float]] = {arm: [] for arm in arms}
+    # One epoch of each arm per round, in an order that rotates every round: a drift of
+    # the machine (other load, caches, Ray's own background work) touches all arms alike
+    # instead of whichever ran last.
+    names = list(arms)
+    for r in range(epochs):
+        for arm in names[r % len(names):] + names[:r % len(names)]:
+            t0, n = time.perf_counter(), 0
+            for b in arms[arm]():
+                n += len(b["image_id"])
+            rates[arm].append(n / (time.perf_counter() - t0))
     median = {arm: statistics.median(r[1:]) for arm, r in rates.items()}
     return {"bench": "ingest-detection", "images_per_epoch": n, "epochs": epochs,
             "image_size": size, "processes": processes,

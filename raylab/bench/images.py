@@ -95,6 +95,7 @@ class _ShardImages(torch.utils.data.IterableDataset):
 def bench_ingest_images(opts: BenchOptions, processes: int = 2, input_size: int = 32,
                         batch: int = 64) -> dict[str, Any]:
     epochs = max(opts.epochs, 2)
+    processes = opts.processes or processes
     shards = image_shards(opts.data, opts.tmp)
     cfg = _config(shards, input_size=input_size)
     paths = split_paths(shards, cfg.train_split)

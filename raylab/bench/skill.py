@@ -197,6 +197,7 @@ class _DataLoaderWindows(torch.utils.data.IterableDataset):
 
 def bench_ingest(opts: BenchOptions, processes: int = 2) -> dict[str, Any]:
     epochs, tmp = max(opts.epochs, 2), opts.tmp
+    processes = opts.processes or processes
     cfg, data, plan = _setup(_shards(opts.data, tmp), epochs)
     train, _ = _fold_trials(plan)
     paths = data.paths
