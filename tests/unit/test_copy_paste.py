@@ -216,3 +216,20 @@ def test_invariants_on_real_coco128_images(real_data_root: Path) -> None:
             np.testing.assert_array_equal(out["image"][outside], dst["image"][outside])
             pasted_any += len(pasted)
     assert pasted_any and removed_any  # the data exercised both paths
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5])
+def test_the_blend_in_the_paste_window_equals_the_whole_image_blend(sigma: float) -> None:
+    """Only a crop around the pasted objects is filtered and mixed; the result is the
+    whole-image formula's, bit for bit, objects at the image's border included."""
+    rng = np.random.default_rng(7)
+    for trial in range(12):
+        dst, src = _random_pair(rng, n=3, size=48)
+        dst["image"] = rng.integers(0, 256, dst["image"].shape, dtype=np.uint8)
+        src["image"] = rng.integers(0, 256, src["image"].shape, dtype=np.uint8)
+        out = copy_paste(dst, src, np.random.default_rng(trial), blend=True, sigma=sigma)
+        union = out["masks"][out["pasted"]].any(axis=0)
+        alpha = np.clip(ndimage.gaussian_filter(union.astype(np.float32), sigma), 0, 1)
+        whole = dst["image"] * (1.0 - alpha[..., None]) + src["image"] * alpha[..., None]
+        expected = np.clip(np.rint(whole), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(out["image"], expected)
