@@ -6,13 +6,19 @@ Each report names its run (``run``: ``run``, a fold, a Tune trial), whose folder
 experiment receives it: ``<experiment>/<run>/metrics.jsonl`` and ``.../tensorboard/``.
 When the experiment is in object storage (``s3://``, ...), both are written to a local
 mirror and the run's folder is uploaded after each report (a few small files per epoch).
+Ray Train offers a user callback no end-of-run hook, and the controller's process may end
+without running Python's finalizers, so a mirror is named after its process and removed
+by the next mirror made on that machine once its process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,9 @@ import ray.train
 
 from raylab.data import fs
 from raylab.engine.loop import REPLAYED, RUN
+
+#: A remote experiment's local mirror: ``<tmp>/raylab-metrics-<pid>-<random>``.
+MIRROR_PREFIX = "raylab-metrics-"
 
 
 class MetricsLogger(ray.train.UserCallback):
@@ -35,7 +44,11 @@ class MetricsLogger(ray.train.UserCallback):
         if not fs.is_uri(self.experiment):
             return Path(self.experiment)
         if self._mirror is None:
-            self._mirror = tempfile.mkdtemp(prefix="raylab-metrics-")
+            drop_orphan_mirrors()
+            self._mirror = tempfile.mkdtemp(prefix=f"{MIRROR_PREFIX}{os.getpid()}-")
+            # Everything in it is uploaded after each report: it goes with the callback
+            # or its process (when that exits normally), the writers closed first.
+            weakref.finalize(self, _drop_mirror, self._writers, self._mirror)
         return Path(self._mirror)
 
     def _tb(self, folder: Path) -> Any:
@@ -66,3 +79,34 @@ class MetricsLogger(ray.train.UserCallback):
         writer.flush()
         if fs.is_uri(self.experiment):
             fs.upload_tree(folder, fs.join(self.experiment, run))
+
+
+def _drop_mirror(writers: dict[str, Any], mirror: str) -> None:
+    for writer in writers.values():
+        writer.close()
+    shutil.rmtree(mirror, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def drop_orphan_mirrors(root: str | None = None) -> list[str]:
+    """Remove the mirrors under ``root`` (the temp folder) whose process has ended; their
+    files were uploaded after each report. Returns the removed folders."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(root):
+        if not entry.name.startswith(MIRROR_PREFIX) or not entry.is_dir():
+            continue
+        pid = entry.name[len(MIRROR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
