@@ -37,6 +37,9 @@ class CopyPasteConfig(CopyPasteParams):
     and ``sigma``: Gaussian-smoothed paste edges, the masks stay binary; ``box_thr`` and
     ``area_thr``: a target object goes when its box moved by more than ``box_thr`` px on
     some side and at most ``area_thr`` px of its mask are left); off by default.
+    The thresholds are pixels of the jittered ``image_size``; their defaults (10, 300) are
+    the paper's for 1024 px: scale them for smaller images (the 64 px copy-paste bench
+    uses 1 and 2; BENCHMARKS.md shows what unscaled ones cost there).
     """
 
     #: Each training image's chance to receive pasted objects; 0 turns copy-paste off.
